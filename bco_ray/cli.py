@@ -1,0 +1,74 @@
+"""`bco-ray`: one subcommand per stage, plus the whole pipeline (`align`).
+
+Every subcommand takes `--config FILE` and dotted overrides (`--objective.beta 0.2`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from bco_ray.config import ConfigError, docs_markdown, dump_yaml, load_config
+
+PIPELINE = "assets -> prepare -> udm -> score-ref -> train -> serve"
+
+
+def _config_parent() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--config", metavar="FILE", help="YAML config; dotted overrides follow, e.g. --run.seed 3")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bco-ray",
+        description="Align an LLM from thumbs-up / thumbs-down feedback with Binary Classifier "
+                    f"Optimization, on Ray. Pipeline: {PIPELINE}.",
+        epilog="Config keys: `bco-ray config docs`. Example: bco-ray align --config configs/demo.yaml "
+               "--objective.beta 0.2",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parent = _config_parent()
+    sub.add_parser("align", parents=[parent], help="run the whole pipeline (every stage below, in order)")
+    sub.add_parser("assets", parents=[parent], help="stage: materialise the bundled models into the cache")
+    cfg = sub.add_parser("config", help="print the resolved config, or the config reference")
+    cfg_sub = cfg.add_subparsers(dest="action", required=True, metavar="ACTION")
+    cfg_sub.add_parser("show", parents=[parent], help="print the resolved config as YAML")
+    cfg_sub.add_parser("docs", help="print the configuration reference (markdown)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    try:
+        if args.command == "config" and args.action == "docs":
+            if rest:
+                parser.error(f"unexpected arguments: {' '.join(rest)}")
+            print(docs_markdown())
+            return 0
+        cfg = load_config(args.config, rest)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"bco-ray: config error: {e}", file=sys.stderr)
+        return 2
+    if args.command == "config":
+        print(dump_yaml(cfg), end="")
+        return 0
+    if args.command == "assets":
+        from bco_ray import assets
+
+        for role in ("policy", "reference", "embedder"):
+            name = getattr(cfg.model, role) or cfg.model.policy
+            print(f"{role}: {assets.resolve_model(name, cfg.model.cache_dir)}")
+        return 0
+    if args.command == "align":
+        from bco_ray.pipeline import align
+
+        align(cfg)
+        return 0
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

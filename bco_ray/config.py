@@ -1,0 +1,226 @@
+"""Configuration: one frozen dataclass per stage, YAML files, dotted CLI overrides.
+
+    cfg = load_config("configs/demo.yaml", ["--objective.beta", "0.2", "--run.seed=3"])
+
+Every field has a default and a one-line help (`metadata["help"]`); docs/configuration.md is
+generated from them (`bco-ray config docs`). Unknown keys and wrong types are errors that
+name the field and what it accepts. A stage's config is added here when the stage is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+def knob(default: Any, help: str, **kw) -> Any:  # noqa: A002 - the name reads best in the classes
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Where a run writes and how it is seeded."""
+
+    run_dir: str = knob("runs/default", "Local directory for every stage's outputs, manifests and reports.")
+    seed: int = knob(0, "Seed for sampling, shuffling and initialisation; same seed, same run.")
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    """How the job reaches Ray."""
+
+    address: str | None = knob(None, "Ray address to join ('auto', 'ray://host:10001'); null starts a local cluster.")
+    num_cpus: int | None = knob(None, "CPUs for a local cluster; null lets Ray count them.")
+    temp_dir: str | None = knob(None, "Temp dir of a local cluster (keep it short: Unix sockets cap paths at 107 bytes); null picks /tmp/bco-ray-<pid>.")
+    auth: Literal["default", "disabled"] = knob("default", "Token auth of a local cluster: 'default' keeps Ray's token auth on; 'disabled' is for tests only.")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The models. Names are bundled aliases (see `bco_ray.assets`) or HF directories."""
+
+    policy: str = knob("smollm2-135m-instruct", "Model to align: alias ('smollm2-135m-instruct', 'tiny-llama') or a local HF directory.")
+    reference: str | None = knob(None, "Frozen reference model; null means the policy's initial weights.")
+    embedder: str = knob("all-minilm-l6-v2", "Sentence embedder for UDM: alias or HF encoder directory.")
+    dtype: Literal["auto", "float32", "bfloat16"] = knob("auto", "Compute dtype: 'auto' is bfloat16 on GPUs and float32 on CPUs.")
+    trust_remote_code: bool = knob(False, "Run model code shipped inside a model directory. Off: it executes arbitrary Python.")
+    cache_dir: str | None = knob(None, "Where bundled models are materialised; null is $BCO_RAY_CACHE or ~/.cache/bco-ray.")
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    """The training objective (bco_ray/objectives.py)."""
+
+    loss: Literal["bco", "kto", "dpo"] = knob("bco", "Objective: BCO (default), or the KTO / DPO baselines.")
+    beta: float = knob(0.1, "Reward scale beta in r = beta * (log pi - log pi_ref).")
+    delta_mode: Literal["balanced", "pooled", "zero"] = knob("balanced", "Reward shift: mean of the per-label reward means ('balanced'), TRL's pooled mean ('pooled'), or none ('zero', an ablation).")
+    delta_decay: float | None = knob(None, "EMA decay in (0, 1) for the reward shift on drifting data; null keeps cumulative means.")
+    kto_desirable_weight: float = knob(1.0, "KTO lambda_D: weight of thumbs-up rows.")
+    kto_undesirable_weight: float = knob(1.0, "KTO lambda_U: weight of thumbs-down rows.")
+    logp_chunk_size: int = knob(1024, "Token rows per chunk in the log-prob kernel; bounds its fp32 scratch at chunk x vocab x 4 bytes.")
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole pipeline's configuration: one section per stage."""
+
+    run: RunConfig = field(default_factory=RunConfig, metadata={"help": "Run directory and seed."})
+    ray: RayConfig = field(default_factory=RayConfig, metadata={"help": "Ray cluster connection."})
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "Policy, reference and embedder models."})
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig, metadata={"help": "Loss and reward shift."})
+
+
+# ---------------------------------------------------------------------------- coercion
+
+def _describe(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _describe(a) for a in args)
+    if origin in (list, tuple):
+        return f"a list of {_describe(args[0]) if args else 'values'}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """`value` (from YAML, or YAML-parsed CLI text) as type `tp`, or a ConfigError."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for a in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, a, where)
+            except ConfigError:
+                pass
+    elif origin is Literal:
+        if value in args:
+            return value
+    elif origin in (list, tuple):
+        if isinstance(value, list | tuple):
+            items = [_coerce(v, args[0], where) for v in value] if args else list(value)
+            return tuple(items) if origin is tuple else items
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{where}: expected {_describe(tp)}, got {value!r}")
+
+
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _build(cls, data: Any, prefix: str):
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping of {cls.__name__} fields, got {data!r}")
+    hints = _hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        where = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown config key '{where}'; {prefix.rstrip('.') or 'top level'} accepts: "
+                              + ", ".join(names))
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, where + ".")
+        else:
+            kwargs[key] = _coerce(value, tp, where)
+    return cls(**kwargs)
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def parse_overrides(argv: list[str]) -> dict:
+    """`--a.b 1 --c.d=x` -> {"a": {"b": 1}, "c": {"d": "x"}}; values are parsed as YAML."""
+    out: dict = {}
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        if not tok.startswith("--") or len(tok) == 2:
+            raise ConfigError(f"expected an override like --section.key VALUE, got {tok!r}")
+        if "=" in tok:
+            key, raw = tok[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(argv):
+                raise ConfigError(f"override {tok} has no value")
+            key, raw = tok[2:], argv[i + 1]
+            i += 2
+        node = out
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key!r} conflicts with an earlier one")
+        node[leaf] = yaml.safe_load(raw) if raw != "" else ""
+    return out
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    merged = dict(base)
+    for k, v in over.items():
+        merged[k] = _deep_merge(merged[k], v) if isinstance(v, dict) and isinstance(merged.get(k), dict) else v
+    return merged
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, cls=Config):
+    """Defaults, then the YAML file (if any), then the dotted overrides; validated."""
+    data: dict = {}
+    if path is not None:
+        text = Path(path).read_text()
+        loaded = yaml.safe_load(text)
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        data = loaded or {}
+    if overrides:
+        data = _deep_merge(data, parse_overrides(overrides))
+    return _build(cls, data, "")
+
+
+def dump_yaml(cfg) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def docs_markdown(cls=Config) -> str:
+    """The configuration reference (docs/configuration.md), generated from the dataclasses."""
+    lines = ["# Configuration reference", "",
+             "Generated from `bco_ray/config.py` by `bco-ray config docs`; do not edit by hand.", "",
+             "Set fields in a YAML file (`--config FILE`, one mapping per section) or on the command",
+             "line with dotted overrides, which win: `--objective.beta 0.2` or `--objective.beta=0.2`.", ""]
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        sub = hints[f.name]
+        lines += [f"## `{f.name}`: {sub.__doc__.strip().splitlines()[0]}", "",
+                  "| key | type | default | meaning |", "|---|---|---|---|"]
+        sub_hints = _hints(sub)
+        for g in dataclasses.fields(sub):
+            default = yaml.safe_dump(g.default, default_flow_style=True).strip().removesuffix("...").strip()
+            lines.append(f"| `{f.name}.{g.name}` | {_describe(sub_hints[g.name])} | `{default}` | "
+                         f"{g.metadata['help']} |")
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The test suite. Extra arguments go to pytest, e.g.: bash scripts/test.sh -m "not slow" -x
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
+# Ray's Unix sockets need short paths: pytest's default basetemp is too long.
+base=/tmp/bcrt-$$
+trap 'rm -rf "$base"' EXIT
+exec python -m pytest --basetemp="$base" "$@"
