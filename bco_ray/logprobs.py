@@ -71,41 +71,64 @@ class _TokenLogpsFromLogits(torch.autograd.Function):
         return grad_full, None, None, None
 
 
+def _head_chunk_forward(h, weight, labels):
+    """(logp of each label, logsumexp) for one chunk of rows of the fused head."""
+    c = (h @ weight.t()).float()
+    lse = torch.logsumexp(c, dim=-1)
+    return c.gather(-1, labels[:, None]).squeeze(-1) - lse, lse
+
+
+def _head_chunk_backward(h, weight, labels, lse, grad_out):
+    """(grad wrt h, grad wrt weight in fp32) for one chunk; recomputes the chunk's logits."""
+    c = (h @ weight.t()).float()
+    g = _softmax_grad(c, lse, labels, grad_out).to(h.dtype)
+    # The chunk's product is in the input dtype (as plain autograd would give); the caller
+    # accumulates the chunks in fp32 so the sum does not drift in bf16.
+    return g @ weight, (g.t() @ h).float()
+
+
+_COMPILED: dict = {}
+
+
+def _head_fns(compiled: bool):
+    """Eager chunk functions, or torch.compile'd ones: Inductor fuses the fp32 cast, the
+    logsumexp and the softmax-gradient passes into few kernels (matmuls stay on cuBLAS)."""
+    if not compiled:
+        return _head_chunk_forward, _head_chunk_backward
+    if not _COMPILED:
+        _COMPILED["fns"] = (torch.compile(_head_chunk_forward, dynamic=True),
+                            torch.compile(_head_chunk_backward, dynamic=True))
+    return _COMPILED["fns"]
+
+
 class _TokenLogpsFromHidden(torch.autograd.Function):
     """Fused LM head + log-prob: logits exist one chunk at a time, forward and backward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk):
+    def forward(ctx, hidden, weight, labels, chunk, compiled):
+        fwd, _ = _head_fns(compiled)
         n = hidden.shape[0]
         out = torch.empty(n, dtype=torch.float32, device=hidden.device)
         lse = torch.empty_like(out)
         for s in range(0, n, chunk):
-            c = (hidden[s:s + chunk] @ weight.t()).float()
-            lse[s:s + chunk] = torch.logsumexp(c, dim=-1)
-            out[s:s + chunk] = c.gather(-1, labels[s:s + chunk, None]).squeeze(-1) - lse[s:s + chunk]
+            out[s:s + chunk], lse[s:s + chunk] = fwd(hidden[s:s + chunk], weight, labels[s:s + chunk])
         ctx.save_for_backward(hidden, weight, labels, lse)
-        ctx.chunk = chunk
+        ctx.chunk, ctx.compiled = chunk, compiled
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         hidden, weight, labels, lse = ctx.saved_tensors
+        _, bwd = _head_fns(ctx.compiled)
         grad_out = grad_out.float()
-        grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
-            if ctx.needs_input_grad[1] else None
+        grad_h = torch.empty_like(hidden)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         for s in range(0, hidden.shape[0], ctx.chunk):
-            h = hidden[s:s + ctx.chunk]
-            c = (h @ weight.t()).float()
-            g = _softmax_grad(c, lse[s:s + ctx.chunk], labels[s:s + ctx.chunk],
-                              grad_out[s:s + ctx.chunk]).to(hidden.dtype)
-            if grad_h is not None:
-                grad_h[s:s + ctx.chunk] = g @ weight
-            if grad_w is not None:
-                # The chunk's product is in the input dtype (as plain autograd would give);
-                # accumulating the chunks in fp32 keeps the sum from drifting in bf16.
-                grad_w.add_(g.t() @ h)
-        return grad_h, (grad_w.to(weight.dtype) if grad_w is not None else None), None, None
+            e = s + ctx.chunk
+            gh, gw = bwd(hidden[s:e], weight, labels[s:e], lse[s:e], grad_out[s:e])
+            grad_h[s:e] = gh
+            grad_w += gw
+        return grad_h, grad_w.to(weight.dtype), None, None, None
 
 
 def _sum_per_sequence(token_logps: torch.Tensor, row_of: torch.Tensor, batch: int) -> torch.Tensor:
@@ -132,10 +155,11 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.
 
 def sequence_logps_from_hidden(hidden: torch.Tensor, lm_head_weight: torch.Tensor,
                                labels: torch.Tensor, loss_mask: torch.Tensor,
-                               chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
+                               chunk_size: int = DEFAULT_CHUNK, compiled: bool = False) -> torch.Tensor:
     """`sequence_logps(hidden @ lm_head_weight.T, ...)` without ever holding the logits.
 
     hidden: (B, T, H); lm_head_weight: (V, H) (a bias-free head, as in Llama/Qwen/SmolLM).
+    compiled: run each chunk's math through torch.compile (worth it on GPUs).
     """
     if hidden.shape[:2] != labels.shape:
         raise ValueError(f"hidden {tuple(hidden.shape)} do not match labels {tuple(labels.shape)}")
@@ -143,7 +167,7 @@ def sequence_logps_from_hidden(hidden: torch.Tensor, lm_head_weight: torch.Tenso
     if lab.numel() and (int(lab.min()) < 0 or int(lab.max()) >= lm_head_weight.shape[0]):
         raise ValueError("a label under loss_mask is outside the vocabulary (padding inside the mask?)")
     h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
-    tok = _TokenLogpsFromHidden.apply(h, lm_head_weight, lab, int(chunk_size))
+    tok = _TokenLogpsFromHidden.apply(h, lm_head_weight, lab, int(chunk_size), bool(compiled))
     return _sum_per_sequence(tok, row_of, labels.shape[0])
 
 
@@ -161,7 +185,7 @@ def _plain_head(model) -> torch.Tensor | None:
 
 def completion_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                      completion_mask: torch.Tensor, chunk_size: int = DEFAULT_CHUNK,
-                     fused_head: bool = True) -> torch.Tensor:
+                     fused_head: bool = True, compiled_head: bool = False) -> torch.Tensor:
     """Summed log-prob of the completion tokens of each row under a causal LM.
 
     completion_mask marks the tokens to score (completion and its EOS; not the prompt, not
@@ -173,7 +197,10 @@ def completion_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
     mask = completion_mask[:, 1:].to(torch.bool) & attention_mask[:, 1:].to(torch.bool)
     weight = _plain_head(model) if fused_head else None
     if weight is not None:
-        hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return sequence_logps_from_hidden(hidden[:, :-1], weight, labels, mask, chunk_size)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        # use_cache=False: a KV cache is useless here, and its per-layer state made
+        # torch.compile recompile every layer until it gave up (measured on an H100).
+        hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                     use_cache=False).last_hidden_state
+        return sequence_logps_from_hidden(hidden[:, :-1], weight, labels, mask, chunk_size, compiled_head)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
     return sequence_logps(logits[:, :-1], labels, mask, chunk_size)

@@ -79,3 +79,16 @@ def test_completion_logps_fused_equals_full_logits(tiny_llama):
     logits = model(input_ids=ids, attention_mask=attn).logits
     by_hand = plain(logits[:, :-1], ids[:, 1:], (comp[:, 1:] * attn[:, 1:]).bool())
     assert torch.allclose(fused, full, atol=1e-4) and torch.allclose(full, by_hand, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_compiled_head_matches_eager():
+    hidden, weight, labels, mask = make(B=2, T=16, V=97, H=32)
+    out = []
+    for compiled in (False, True):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        lp = sequence_logps_from_hidden(h, w, labels, mask, chunk_size=9, compiled=compiled)
+        lp.sum().backward()
+        out.append((lp.detach(), h.grad, w.grad))
+    for a, b in zip(*out, strict=True):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)

@@ -1,0 +1,180 @@
+"""One optimizer step of BCO (or KTO / DPO) over the micro-batches of an accumulation window.
+
+No Ray here: Ray Train's loop calls `train_step` on every worker, and so do the GPU
+benchmark and the tests. A micro-batch is a dict of tensors:
+
+    input_ids, attention_mask, completion_mask   (B, T)   completion_mask: scored tokens
+    label                                        (B,)     bool, thumbs-up = True
+    ref_logps                                    (B,)     precomputed reference log-probs
+    weight                                       (B,)     UDM density ratio (optional)
+    pair_id                                      (B,)     DPO only: pairs a chosen and a rejected row
+    kl_input_ids, kl_attention_mask, kl_completion_mask, kl_ref_logps   KTO only: mismatched pairs
+
+Exactness under accumulation and data parallelism: every micro-batch's loss is a SUM,
+scaled by world_size / (rows in the whole global batch), so after DDP/FSDP average the
+gradients across ranks the update is that of the mean over the global batch, whatever
+the micro-batch sizes and however rows are split across ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from bco_ray.config import ObjectiveConfig
+from bco_ray.logprobs import DEFAULT_CHUNK, completion_logps
+from bco_ray.objectives import (
+    RewardShift,
+    _all_reduce_sum,
+    bco_loss,
+    dpo_loss,
+    kto_kl_estimate,
+    kto_loss,
+)
+
+
+class PolicyLogps(nn.Module):
+    """A causal LM seen as `(input_ids, attention_mask, completion_mask) -> summed logps`.
+
+    Shard this module as the FSDP root (layers first), so the LM head's weight is
+    gathered while the fused head uses it; compile `self.lm.get_decoder()`, not this.
+    """
+
+    def __init__(self, lm: nn.Module, chunk_size: int = DEFAULT_CHUNK, fused_head: bool = True,
+                 compiled_head: bool = False):
+        super().__init__()
+        self.lm, self.chunk_size = lm, chunk_size
+        self.fused_head, self.compiled_head = fused_head, compiled_head
+
+    def forward(self, input_ids, attention_mask, completion_mask):
+        return completion_logps(self.lm, input_ids, attention_mask, completion_mask,
+                                self.chunk_size, self.fused_head, self.compiled_head)
+
+
+def collate(examples: list[dict], pad_token_id: int) -> dict:
+    """Right-padded tensors from examples with `input_ids` and `completion_mask` lists and
+    scalar `label`, `ref_logps` (and optional `weight`, `pair_id`)."""
+    length = max((len(e["input_ids"]) for e in examples), default=0)
+    ids = torch.full((len(examples), length), pad_token_id, dtype=torch.long)
+    attn = torch.zeros((len(examples), length), dtype=torch.long)
+    comp = torch.zeros((len(examples), length), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        ids[i, :n] = torch.as_tensor(e["input_ids"])
+        attn[i, :n] = 1
+        comp[i, :n] = torch.as_tensor(e["completion_mask"])
+    out = {"input_ids": ids, "attention_mask": attn, "completion_mask": comp,
+           "label": torch.tensor([bool(e["label"]) for e in examples]),
+           "ref_logps": torch.tensor([float(e["ref_logps"]) for e in examples])}
+    for key, dtype in (("weight", torch.float32), ("pair_id", torch.long)):
+        if examples and key in examples[0]:
+            out[key] = torch.tensor([e[key] for e in examples], dtype=dtype)
+    return out
+
+
+def _world(group=None) -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
+
+
+def _grad_sync(module: nn.Module, enabled: bool):
+    """Skip the gradient all-reduce on all but the last micro-batch (FSDP2 or DDP)."""
+    if hasattr(module, "set_requires_gradient_sync"):  # FSDP2
+        module.set_requires_gradient_sync(enabled)
+        return contextlib.nullcontext()
+    if not enabled and hasattr(module, "no_sync"):  # DDP
+        return module.no_sync()
+    return contextlib.nullcontext()
+
+
+def _rows(mb: dict, loss: str) -> int:
+    n = int(mb["label"].numel())
+    return n // 2 if loss == "dpo" else n
+
+
+def microbatch_loss(policy: nn.Module, mb: dict, obj: ObjectiveConfig, delta: float, group=None):
+    """(summed loss, rewards, labels) of one micro-batch; rewards per row (DPO: per pair)."""
+    logps = policy(mb["input_ids"], mb["attention_mask"], mb["completion_mask"])
+    label = mb["label"].to(torch.bool)
+    if obj.loss == "bco":
+        loss, rewards = bco_loss(logps, mb["ref_logps"], label, delta, obj.beta, mb.get("weight"),
+                                 reduction="sum")
+        return loss, rewards, label
+    if obj.loss == "kto":
+        with torch.no_grad():
+            kl_logps = policy(mb["kl_input_ids"], mb["kl_attention_mask"], mb["kl_completion_mask"])
+        kl = kto_kl_estimate(kl_logps, mb["kl_ref_logps"], group)
+        loss, rewards = kto_loss(logps, mb["ref_logps"], label, kl, obj.beta, obj.kto_desirable_weight,
+                                 obj.kto_undesirable_weight, reduction="sum")
+        return loss, rewards, label
+    # DPO: order chosen and rejected rows by pair id so that index i is one pair.
+    pid = mb["pair_id"]
+    c_idx, r_idx = label.nonzero().squeeze(-1), (~label).nonzero().squeeze(-1)
+    c_idx, r_idx = c_idx[pid[c_idx].argsort()], r_idx[pid[r_idx].argsort()]
+    if not torch.equal(pid[c_idx], pid[r_idx]):
+        raise ValueError("a DPO micro-batch must hold both rows of every pair")
+    ref = mb["ref_logps"]
+    loss, chosen, rejected = dpo_loss(logps[c_idx], logps[r_idx], ref[c_idx], ref[r_idx], obj.beta,
+                                      reduction="sum")
+    return loss, torch.cat([chosen, rejected]), torch.cat([label[c_idx], label[r_idx]])
+
+
+def _placeholder_backward(policy: nn.Module, device: torch.device) -> None:
+    ids = torch.zeros((1, 2), dtype=torch.long, device=device)
+    (policy(ids, torch.ones_like(ids), torch.zeros_like(ids)).sum() * 0.0).backward()
+
+
+def train_step(policy: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: list[dict],
+               shift: RewardShift, obj: ObjectiveConfig, max_grad_norm: float | None = 1.0,
+               scheduler=None, autocast_dtype: torch.dtype | None = None, group=None) -> dict:
+    """Forward/backward every micro-batch, clip, step, then commit the reward shift once.
+
+    Every rank must call this with the same number of micro-batches (any sizes, zero rows
+    included). Returns metrics averaged over the global batch (identical on every rank).
+    """
+    world = _world(group)
+    delta = 0.0 if obj.delta_mode == "zero" else shift.value  # fixed for the whole window
+    local_rows = sum(_rows(mb, obj.loss) for mb in micro_batches)
+    global_rows = float(_all_reduce_sum(torch.tensor([float(local_rows)], dtype=torch.float64), group)[0])
+    scale = world / max(global_rows, 1.0)
+    device = next(policy.parameters()).device
+    # [loss, n_up, sum r_up, n_down, sum r_down, correct, tokens]
+    acc = torch.zeros(7, dtype=torch.float64)
+    for i, mb in enumerate(micro_batches):
+        mb = {k: v.to(device, non_blocking=True) for k, v in mb.items()}
+        with _grad_sync(policy, i == len(micro_batches) - 1):
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                if mb["label"].numel() == 0:
+                    # An empty shard still runs forward/backward, so that FSDP's gathers and
+                    # DDP's gradient all-reduce happen on every rank in lockstep.
+                    _placeholder_backward(policy, device)
+                    continue
+                loss_sum, rewards, label = microbatch_loss(policy, mb, obj, delta, group)
+            (loss_sum * scale).backward()
+        if obj.loss != "dpo":
+            shift.update(rewards, label)
+        r = rewards.double().cpu()
+        up = label.cpu()
+        correct = ((r - delta > 0) == up).sum() if obj.loss != "dpo" else (r[up] > r[~up]).sum()
+        acc += torch.stack([loss_sum.detach().double().cpu(), up.sum().double(), r[up].sum(),
+                            (~up).sum().double(), r[~up].sum(), correct.double(),
+                            mb["attention_mask"].sum().double().cpu()])
+    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_grad_norm or float("inf"))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if scheduler is not None:
+        scheduler.step()
+    if obj.loss != "dpo":
+        shift.step()  # one all-reduce; every micro-batch above saw the same delta
+    loss, n_up, s_up, n_dn, s_dn, correct, tokens = _all_reduce_sum(acc, group).tolist()
+    chosen, rejected = s_up / max(n_up, 1), s_dn / max(n_dn, 1)
+    return {
+        "loss": loss / max(global_rows, 1.0),
+        "rewards/chosen": chosen, "rewards/rejected": rejected, "rewards/margin": chosen - rejected,
+        "delta": delta, "reward_accuracy": correct / max(global_rows, 1.0),
+        "grad_norm": float(grad_norm), "rows": global_rows, "tokens": tokens,
+        "lr": optimizer.param_groups[0]["lr"],
+    }

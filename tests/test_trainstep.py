@@ -1,0 +1,151 @@
+"""The training step: exact under gradient accumulation and under data parallelism."""
+
+import json
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from bco_ray.assets import load_causal_lm
+from bco_ray.config import ObjectiveConfig
+from bco_ray.objectives import RewardShift, bco_loss
+from bco_ray.trainstep import PolicyLogps, collate, train_step
+
+LABELS = [False, False, False, True, False, True, True, False]
+
+
+def examples(n=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        p, c = 3 + i % 3, 2 + (i * 5) % 4
+        ids = torch.randint(10, 2000, (p + c,), generator=g).tolist()
+        out.append({"input_ids": ids, "completion_mask": [0] * p + [1] * c, "label": LABELS[i % 8],
+                    "ref_logps": -30.0 + i, "weight": 1.0 + 0.25 * i, "pair_id": i % (n // 2)})
+    return out
+
+
+def fresh_policy():
+    torch.manual_seed(0)
+    model, _ = load_causal_lm("tiny-llama")
+    model.train()
+    return PolicyLogps(model, chunk_size=7)
+
+
+def run_step(splits, obj=None, steps=2):
+    policy = fresh_policy()
+    opt = torch.optim.SGD(policy.parameters(), lr=1.0)
+    shift = RewardShift()
+    ex = examples()
+    metrics = []
+    for _ in range(steps):
+        mbs = [collate(ex[a:b], pad_token_id=0) for a, b in splits]
+        metrics.append(train_step(policy, opt, mbs, shift, obj or ObjectiveConfig(), max_grad_norm=None))
+    return policy, shift, metrics
+
+
+def params(policy):
+    return torch.cat([p.detach().flatten() for p in policy.parameters()])
+
+
+def test_accumulation_equals_one_big_batch():
+    one, shift1, m1 = run_step([(0, 8)])
+    acc, shift4, m4 = run_step([(0, 3), (3, 4), (4, 8), (8, 8)])  # uneven, one empty
+    assert torch.allclose(params(one), params(acc), atol=1e-6, rtol=0)
+    assert shift1.value == pytest.approx(shift4.value, rel=1e-6)  # fp32 padding noise only
+    assert m1[1]["loss"] == pytest.approx(m4[1]["loss"], rel=1e-5)
+    assert m1[1]["delta"] == m4[1]["delta"] != 0.0  # step 2 used the delta committed by step 1
+
+
+def test_step_loss_matches_bco_loss_by_hand():
+    policy = fresh_policy()
+    batch = collate(examples(), pad_token_id=0)
+    with torch.no_grad():
+        logps = policy(batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+    expected, rewards = bco_loss(logps, batch["ref_logps"], batch["label"], 0.0, 0.1, batch["weight"])
+    opt = torch.optim.SGD(policy.parameters(), lr=0.0)
+    shift = RewardShift()
+    m = train_step(policy, opt, [batch], shift, ObjectiveConfig(), max_grad_norm=None)
+    assert m["loss"] == pytest.approx(expected.item(), rel=1e-5)
+    up = batch["label"]
+    assert m["rewards/chosen"] == pytest.approx(rewards[up].mean().item(), rel=1e-5)
+    assert shift.value == pytest.approx((rewards[up].mean() + rewards[~up].mean()).item() / 2, rel=1e-5)
+
+
+def test_delta_zero_mode_never_shifts():
+    _, _, m = run_step([(0, 8)], ObjectiveConfig(delta_mode="zero"))
+    assert [x["delta"] for x in m] == [0.0, 0.0]
+
+
+def test_dpo_and_kto_steps_run_and_are_finite():
+    pairs = examples()
+    for i, e in enumerate(pairs):  # rows i and i + 4 are one pair: chosen, rejected
+        e["label"], e["pair_id"] = i < 4, i % 4
+    policy = fresh_policy()
+    batch = collate(pairs[::-1], 0)
+    with torch.no_grad():
+        batch["ref_logps"] = policy(batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+    m = train_step(policy, torch.optim.SGD(policy.parameters(), lr=0.1), [batch],
+                   RewardShift(), ObjectiveConfig(loss="dpo"))
+    assert m["rows"] == 4 and torch.isfinite(torch.tensor(m["loss"]))
+    assert m["loss"] == pytest.approx(0.6931, abs=1e-3)  # policy == reference at step 0: log 2
+    policy = fresh_policy()
+    batch = collate(examples(), pad_token_id=0)
+    kl = collate(examples(seed=1), pad_token_id=0)  # stands in for mismatched pairs
+    batch.update({"kl_input_ids": kl["input_ids"], "kl_attention_mask": kl["attention_mask"],
+                  "kl_completion_mask": kl["completion_mask"], "kl_ref_logps": kl["ref_logps"]})
+    m = train_step(policy, torch.optim.SGD(policy.parameters(), lr=0.1), [batch], RewardShift(),
+                   ObjectiveConfig(loss="kto"))
+    assert torch.isfinite(torch.tensor([m["loss"], m["grad_norm"]])).all()
+
+
+def test_dpo_batch_missing_a_pair_member_is_an_error():
+    policy = fresh_policy()
+    batch = collate(examples()[:3], pad_token_id=0)
+    with pytest.raises(ValueError, match="pair"):
+        train_step(policy, torch.optim.SGD(policy.parameters(), lr=0.1), [batch], RewardShift(),
+                   ObjectiveConfig(loss="dpo"))
+
+
+# Rank 0 holds 3 rows, all thumbs-down; rank 1 holds 5 rows of both labels.
+RANK_ROWS = {0: (0, 3), 1: (3, 8)}
+
+
+def _ddp_worker(rank, world, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        policy = torch.nn.parallel.DistributedDataParallel(fresh_policy())
+        opt = torch.optim.SGD(policy.parameters(), lr=1.0)
+        shift = RewardShift()
+        a, b = RANK_ROWS[rank]
+        ex = examples()[a:b]
+        ms = []
+        for _ in range(2):
+            mbs = [collate(ex[:2], 0), collate(ex[2:], 0)] if len(ex) > 2 else [collate(ex[:1], 0), collate(ex[1:], 0)]
+            ms.append(train_step(policy, opt, mbs, shift, ObjectiveConfig(), max_grad_norm=None))
+        torch.save({"params": params(policy.module)}, os.path.join(out_dir, f"p{rank}.pt"))
+        with open(os.path.join(out_dir, f"m{rank}.json"), "w") as f:
+            json.dump({"metrics": ms, "delta": shift.value}, f)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.dist
+def test_two_ddp_ranks_equal_one_process():
+    single, shift, m_single = run_step([(0, 8)])
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(_ddp_worker, args=(2, os.path.join(d, "init"), d), nprocs=2, join=True)
+        res = [json.load(open(os.path.join(d, f"m{r}.json"))) for r in range(2)]
+        p0 = torch.load(os.path.join(d, "p0.pt"), weights_only=True)["params"]
+        p1 = torch.load(os.path.join(d, "p1.pt"), weights_only=True)["params"]
+    assert torch.equal(p0, p1)
+    assert torch.allclose(p0, params(single), atol=1e-5, rtol=0)
+    # Padding differs between the two layouts, so fp32 rewards differ in the last bits.
+    assert res[0]["delta"] == res[1]["delta"] == pytest.approx(shift.value, rel=1e-6)
+    for step in range(2):
+        for key in ("loss", "rewards/chosen", "rewards/rejected", "reward_accuracy", "rows"):
+            assert res[0]["metrics"][step][key] == pytest.approx(m_single[step][key], rel=1e-4, abs=1e-7)
