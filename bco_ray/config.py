@@ -71,12 +71,77 @@ class ObjectiveConfig:
 
 
 @dataclass(frozen=True)
+class StorageConfig:
+    """Object storage for s3:// paths (AWS S3, MinIO, any S3-compatible store)."""
+
+    endpoint_url: str | None = knob(None, "S3 endpoint, e.g. http://127.0.0.1:9000 for MinIO; null uses AWS's (or $AWS_ENDPOINT_URL).")
+    region: str | None = knob(None, "S3 region; null uses $AWS_REGION or the bucket's.")
+    access_key_id: str | None = knob(None, "Access key; null uses the environment / AWS credential chain (prefer that to a config file).")
+    secret_access_key: str | None = knob(None, "Secret key; null uses the environment / AWS credential chain.")
+    anonymous: bool = knob(False, "Read public buckets without credentials.")
+
+
+DEFAULT_TRUE_LABELS = ("true", "1", "1.0", "yes", "y", "up", "thumbs_up", "thumbsup", "thumbs-up", "thumbs up",
+                       "positive", "pos", "good", "like", "liked", "desirable", "+1", "\U0001f44d")
+DEFAULT_FALSE_LABELS = ("false", "0", "0.0", "-1", "-1.0", "no", "n", "down", "thumbs_down", "thumbsdown",
+                        "thumbs-down", "thumbs down", "negative", "neg", "bad", "dislike", "disliked",
+                        "undesirable", "\U0001f44e")
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    """`bco-ray prepare`: raw feedback logs in, a tokenized, split dataset out."""
+
+    input: str = knob("data/demo_feedback", "Parquet logs: a file, a directory (searched recursively), a glob, or an s3:// URI.")
+    format: Literal["auto", "unpaired", "paired", "conversational"] = knob("auto", "Row schema; 'auto' decides per file from its columns.")
+    prompt_column: str = knob("prompt", "Column with the prompt (plain text).")
+    completion_column: str = knob("completion", "Column with the model's answer.")
+    label_column: str = knob("label", "Column with the feedback (thumbs-up / thumbs-down in any spelling listed below).")
+    chosen_column: str = knob("chosen", "Paired format: the preferred completion.")
+    rejected_column: str = knob("rejected", "Paired format: the dispreferred completion.")
+    messages_column: str = knob("messages", "Conversational format: list of {role, content}; the last assistant turn is the completion.")
+    true_labels: tuple[str, ...] = knob(DEFAULT_TRUE_LABELS, "Label spellings meaning thumbs-up (case-insensitive; emoji skin tones ignored).")
+    false_labels: tuple[str, ...] = knob(DEFAULT_FALSE_LABELS, "Label spellings meaning thumbs-down.")
+    partition_key: str = knob("date", "Hive partition key holding the day (logs laid out as date=YYYY-MM-DD/).")
+    date_from: str | None = knob(None, "First day to read (inclusive, YYYY-MM-DD); partitions outside the range are not read.")
+    date_to: str | None = knob(None, "Last day to read (inclusive, YYYY-MM-DD).")
+    max_chars: int = knob(200_000, "Rows whose prompt + completion exceed this many characters are quarantined as oversize.")
+    max_length: int = knob(1024, "Token budget of prompt + completion + EOS; the completion is truncated first.")
+    max_prompt_length: int = knob(768, "Rows whose prompt alone exceeds this many tokens are quarantined (prompt_too_long).")
+    chat_template: bool = knob(True, "Wrap plain-text prompts as a user turn and apply the tokenizer's chat template.")
+    conflicts: Literal["majority", "quarantine", "keep"] = knob("majority", "Same (prompt, completion) with both labels: keep the majority label (ties quarantined), quarantine all, or keep one row per label.")
+    eval_fraction: float = knob(0.05, "Share of prompts (by hash, so one prompt never lands in both) in the eval split.")
+    output: str | None = knob(None, "Output directory (local or s3://); null is <run_dir>/prepared.")
+    rows_per_block: int = knob(4096, "Rows per Ray Data block when reading: smaller blocks spread small files over more workers.")
+    num_cpus_per_task: float = knob(0.5, "CPUs per read/tokenize task or actor (fractional: whole CPUs starve Ray Data on small machines).")
+    tokenizer_actors: int = knob(2, "Tokenizer actors (each holds one tokenizer).")
+
+
+@dataclass(frozen=True)
+class UDMConfig:
+    """Underlying distribution matching: density-ratio weights for thumbs-down rows."""
+
+    enabled: bool = knob(True, "Fit UDM and write a weight per row; off: every weight is 1.")
+    sample_size: int = knob(1024, "Prompts sampled per label (train split) to fit the classifier.")
+    eval_sample_size: int = knob(512, "Prompts sampled per label from the eval split for held-out accuracy / AUC.")
+    min_density_ratio: float = knob(0.5, "Lower clamp of the weight p / (1 - p).")
+    max_density_ratio: float = knob(10.0, "Upper clamp of the weight.")
+    l2_c: float = knob(1.0, "Inverse L2 strength of the logistic regression (sklearn's C), class-balanced.")
+    max_embed_length: int = knob(256, "Prompt tokens fed to the embedder (longer prompts are truncated, not overflowed).")
+    embed_batch_size: int = knob(64, "Prompts per embedder forward pass.")
+    embed_actors: int = knob(1, "Embedder actors in the Ray Data pool (one model each).")
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole pipeline's configuration: one section per stage."""
 
     run: RunConfig = field(default_factory=RunConfig, metadata={"help": "Run directory and seed."})
     ray: RayConfig = field(default_factory=RayConfig, metadata={"help": "Ray cluster connection."})
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "Policy, reference and embedder models."})
+    storage: StorageConfig = field(default_factory=StorageConfig, metadata={"help": "S3 endpoint and credentials."})
+    ingest: IngestConfig = field(default_factory=IngestConfig, metadata={"help": "Reading, cleaning and tokenizing feedback logs."})
+    udm: UDMConfig = field(default_factory=UDMConfig, metadata={"help": "Density-ratio weights for thumbs-down rows."})
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig, metadata={"help": "Loss and reward shift."})
 
 
