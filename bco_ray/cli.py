@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     parent = _config_parent()
     sub.add_parser("align", parents=[parent], help="run the whole pipeline (every stage below, in order)")
     sub.add_parser("assets", parents=[parent], help="stage: materialise the bundled models into the cache")
+    sub.add_parser("prepare", parents=[parent],
+                   help="stage: feedback logs (local/S3 parquet) -> cleaned, tokenized, split, UDM-weighted data")
     cfg = sub.add_parser("config", help="print the resolved config, or the config reference")
     cfg_sub = cfg.add_subparsers(dest="action", required=True, metavar="ACTION")
     cfg_sub.add_parser("show", parents=[parent], help="print the resolved config as YAML")
@@ -60,6 +62,16 @@ def main(argv: list[str] | None = None) -> int:
         for role in ("policy", "reference", "embedder"):
             name = getattr(cfg.model, role) or cfg.model.policy
             print(f"{role}: {assets.resolve_model(name, cfg.model.cache_dir)}")
+        return 0
+    if args.command == "prepare":
+        import json
+
+        from bco_ray.ingest import prepare
+        from bco_ray.raycluster import init_ray
+
+        init_ray(cfg.ray)
+        manifest = prepare(cfg)
+        print(json.dumps({k: v for k, v in manifest.items() if k != "config"}, indent=1))
         return 0
     if args.command == "align":
         from bco_ray.pipeline import align

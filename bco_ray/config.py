@@ -10,6 +10,7 @@ name the field and what it accepts. A stage's config is added here when the stag
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import types
 import typing
 from dataclasses import dataclass, field
@@ -188,6 +189,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     elif tp is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, datetime.date):  # YAML reads 2026-11-02 as a date
+            return value.isoformat()
     raise ConfigError(f"{where}: expected {_describe(tp)}, got {value!r}")
 
 

@@ -34,7 +34,16 @@ def stage_assets(cfg: Config, run_dir: Path) -> dict:
     return ray.get(materialise.remote(to_dict(cfg.model)))
 
 
-STAGES = [("assets", stage_assets)]
+def stage_prepare(cfg: Config, run_dir: Path) -> dict:
+    from bco_ray.ingest import prepare
+
+    m = prepare(cfg)
+    keys = ("rows_read", "examples", "kept", "quarantined", "deduplicated", "quarantine_reasons",
+            "kept_by_split_label", "tokens")
+    return {**{k: m[k] for k in keys}, "udm": m["udm"]}
+
+
+STAGES = [("assets", stage_assets), ("prepare", stage_prepare)]
 
 
 def align(cfg: Config) -> dict:

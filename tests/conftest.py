@@ -18,3 +18,50 @@ def tiny_llama():
     model, tok = load_causal_lm("tiny-llama")
     model.eval()
     return model, tok
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray cluster for the session: loopback, 2 CPUs, short temp dir, no auth."""
+    import ray
+
+    from bco_ray.config import RayConfig
+    from bco_ray.raycluster import init_ray
+
+    init_ray(RayConfig(num_cpus=2, auth="disabled", temp_dir=f"/tmp/bcr-{os.getpid()}"))
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3-compatible HTTP server (moto) on 127.0.0.1, with a bucket 'logs'."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(endpoint, timeout=1)
+            break
+        except OSError:
+            time.sleep(0.1)
+    else:
+        proc.kill()
+        raise RuntimeError("moto server did not start")
+    import boto3
+
+    boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
+                 region_name="us-east-1").create_bucket(Bucket="logs")
+    yield endpoint
+    proc.terminate()
+    proc.wait(timeout=10)

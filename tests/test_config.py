@@ -48,7 +48,7 @@ def test_configs_are_frozen():
 
 @pytest.mark.parametrize("override, message", [
     (["--objective.bta", "1"], "unknown config key 'objective.bta'; objective accepts: loss, beta"),
-    (["--nosuch.x", "1"], "unknown config key 'nosuch'; top level accepts: run, ray, model, objective"),
+    (["--nosuch.x", "1"], "unknown config key 'nosuch'; top level accepts: run, ray, model, storage, ingest, udm, objective"),
     (["--objective.delta_mode", "mean"], "objective.delta_mode: expected one of 'balanced', 'pooled', 'zero'"),
     (["--objective.beta", "abc"], "objective.beta: expected float, got 'abc'"),
     (["--ray.num_cpus", "1.5"], "ray.num_cpus: expected int or null, got 1.5"),
@@ -61,6 +61,10 @@ def test_errors_name_the_field_and_allowed_values(override, message):
     with pytest.raises(ConfigError) as e:
         load_config(None, override)
     assert message in str(e.value)
+
+
+def test_dates_are_text_for_str_fields():
+    assert load_config(None, ["--ingest.date_from", "2026-11-02"]).ingest.date_from == "2026-11-02"
 
 
 def test_bool_is_not_an_int():

@@ -1,0 +1,256 @@
+"""`bco-ray prepare`: feedback logs (local or S3) -> prepared dataset, quarantine, manifest.
+
+Three streaming Ray Data passes; the driver only ever holds file footers, a UDM sample and
+aggregate counts, so memory does not grow with the number of rows:
+
+  1. read + normalise  each parquet row group of the input is one task; every raw row
+                       becomes an ok example or a quarantine row   -> _stage1/status=*/
+  2. dedup + tokenize  groupby (prompt, completion) resolves duplicates and conflicting
+                       labels; tokenizer actors encode and split    -> _stage2/status=*/
+  3. UDM weights       fit on a seeded per-label sample, weigh every row -> prepared/
+
+Output layout under `ingest.output` (default <run_dir>/prepared):
+  data/            the prepared rows (parquet)        quarantine/   rows rejected, with reason
+  deduplicated/    ids of exact duplicates dropped    udm/          classifier.json, diagnostics.png
+  manifest.json    counts, invariant, token lengths, UDM metrics
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from bco_ray import storage
+from bco_ray.config import Config, to_dict
+from bco_ray.normalise import (
+    NORMALISED_SCHEMA,
+    REASONS,
+    LabelVocab,
+    file_id,
+    normalise_table,
+    resolve_group,
+)
+
+QUARANTINE_COLUMNS = ["row_id", "source", "day", "reason", "raw"]
+STAGES = ("_stage1", "_stage2", "data", "quarantine", "deduplicated", "udm")
+
+
+def _read_normalise(batch: dict, cfg: Config) -> pa.Table:
+    """Ray Data: one row group of one input file -> normalised rows."""
+    ic = cfg.ingest
+    fs, _ = storage.filesystem(ic.input, cfg.storage)
+    vocab = LabelVocab(ic.true_labels, ic.false_labels)
+    tables = []
+    for path, group, day in zip(batch["path"], batch["row_group"], batch["day"], strict=True):
+        with fs.open_input_file(path) as f:
+            table = pq.ParquetFile(f).read_row_group(int(group))
+        tables.append(normalise_table(table, str(path), file_id(str(path)), int(group), ic, vocab,
+                                      None if day == "" else str(day)))
+    return pa.concat_tables(tables)
+
+
+STAGE2_SCHEMA = NORMALISED_SCHEMA.append(pa.field("duplicate_of", pa.string()))
+
+
+def _resolve(group: pa.Table, policy: str) -> pa.Table:
+    rows = group.to_pylist()
+    for r in rows:  # the hive directory status=ok may or may not come back as a column
+        r["status"], r["duplicate_of"] = "ok", None
+    rows = resolve_group(rows, policy)
+    for r in rows:
+        if r["status"] == "quarantined" and r["raw"] is None:
+            r["raw"] = json.dumps({k: r[k] for k in ("prompt", "prompt_messages", "completion", "label")},
+                                  ensure_ascii=False)
+    return pa.Table.from_pylist(rows, schema=STAGE2_SCHEMA)
+
+
+class _Tokenize:
+    """Ray Data actor: one tokenizer, reused over batches."""
+
+    def __init__(self, cfg: Config):
+        from transformers import AutoTokenizer
+
+        from bco_ray.assets import resolve_model
+        from bco_ray.tokenization import FeedbackTokenizer
+
+        ic = cfg.ingest
+        path = resolve_model(cfg.model.policy, cfg.model.cache_dir)
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
+        self.enc = FeedbackTokenizer(tok, ic.max_length, ic.max_prompt_length, ic.chat_template)
+        self.eval_fraction = ic.eval_fraction
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        from bco_ray.normalise import Reject
+        from bco_ray.tokenization import split_of
+
+        rows = table.to_pylist()
+        for r in rows:
+            r.update(input_ids=None, completion_mask=None, prompt_tokens=None, completion_tokens=None,
+                     truncated=None, split=None)
+            if r["status"] != "ok":
+                continue
+            try:
+                r.update(self.enc.encode(r["prompt"], r["prompt_messages"], r["completion"]))
+                r["split"] = split_of(r["prompt"], r["prompt_messages"], self.eval_fraction)
+            except Reject as e:
+                r["status"], r["reason"] = "quarantined", e.reason
+                r["raw"] = json.dumps({k: r[k] for k in ("prompt", "prompt_messages", "completion", "label")},
+                                      ensure_ascii=False)
+        schema = table.schema
+        for name, typ in (("input_ids", pa.list_(pa.int32())), ("completion_mask", pa.list_(pa.int8())),
+                          ("prompt_tokens", pa.int32()), ("completion_tokens", pa.int32()),
+                          ("truncated", pa.bool_()), ("split", pa.string())):
+            schema = schema.append(pa.field(name, typ))
+        return pa.Table.from_pylist(rows, schema=schema)
+
+
+def _input_units(cfg: Config) -> tuple[list[dict], int, list[str]]:
+    """Row groups to read (after the date filter), raw rows in them, and the files."""
+    ic = cfg.ingest
+    fs, root = storage.filesystem(ic.input, cfg.storage)
+    units, rows, files = [], 0, []
+    for path in storage.list_parquet(fs, root):
+        day = storage.partition_value(path, ic.partition_key)
+        if day is not None and ((ic.date_from and day < ic.date_from) or (ic.date_to and day > ic.date_to)):
+            continue
+        try:
+            with fs.open_input_file(path) as f:
+                meta = pq.ParquetFile(f).metadata
+        except Exception as e:  # noqa: BLE001 - any unreadable footer is the same user error
+            raise ValueError(f"cannot read parquet file {path}: {e}") from e
+        files.append(path)
+        rows += meta.num_rows
+        units += [{"path": path, "row_group": g, "day": day or ""} for g in range(meta.num_row_groups)]
+    if not files:
+        raise FileNotFoundError(f"no parquet files under {ic.input} (after the date filter)")
+    return units, rows, files
+
+
+def count_rows(fs, path: str) -> int:
+    if not storage.exists(fs, path):
+        return 0
+    total = 0
+    for f in storage.list_parquet(fs, path):
+        with fs.open_input_file(f) as h:
+            total += pq.ParquetFile(h).metadata.num_rows
+    return total
+
+
+def _read(path: str, fs, columns: list[str] | None = None):
+    import ray
+
+    ds = ray.data.read_parquet(path, filesystem=fs)
+    return ds.select_columns(columns) if columns else ds
+
+
+def _length_hist(batch: dict, max_length: int) -> dict:
+    n = np.asarray(batch["prompt_tokens"], np.int64) + np.asarray(batch["completion_tokens"], np.int64)
+    return {"hist": [np.bincount(np.minimum(n, max_length), minlength=max_length + 1)]}
+
+
+def _percentiles(hist: np.ndarray, qs=(50, 90, 99, 100)) -> dict:
+    cum = np.cumsum(hist)
+    if cum[-1] == 0:
+        return {}
+    return {f"p{q}": int(np.searchsorted(cum, q / 100 * cum[-1])) for q in qs}
+
+
+def prepare(cfg: Config) -> dict:
+    """Run the three passes; returns the manifest (also written to <output>/manifest.json)."""
+    import ray
+
+    from bco_ray.udm_stage import diagnostics, fit_and_weigh
+
+    t0 = time.time()
+    ic = cfg.ingest
+    out_uri = ic.output or storage.join(cfg.run.run_dir, "prepared")
+    fs, out = storage.filesystem(out_uri, cfg.storage)
+    for sub in STAGES:  # writes append: never mix with an earlier run's files
+        if storage.exists(fs, storage.join(out, sub)):
+            fs.delete_dir(storage.join(out, sub))
+    units, rows_read, files = _input_units(cfg)
+    remote = {"num_cpus": ic.num_cpus_per_task}
+
+    # Pass 1: read + normalise.
+    ds = ray.data.from_items(units, override_num_blocks=len(units))
+    ds = ds.map_batches(_read_normalise, fn_kwargs={"cfg": cfg}, batch_size=1, batch_format="numpy", **remote)
+    ds.write_parquet(storage.join(out, "_stage1"), filesystem=fs, partition_cols=["status"])
+
+    # Pass 2: dedup / conflicts, tokenize, split.
+    stage1_ok = storage.join(out, "_stage1", "status=ok")
+    if storage.exists(fs, stage1_ok):
+        ok = _read(stage1_ok, fs).repartition(target_num_rows_per_block=ic.rows_per_block)
+        ok = ok.groupby("pair_key").map_groups(_resolve, fn_kwargs={"policy": ic.conflicts},
+                                               batch_format="pyarrow", **remote)
+        ok = ok.map_batches(_Tokenize, fn_constructor_kwargs={"cfg": cfg}, batch_format="pyarrow",
+                            batch_size=256, compute=ray.data.ActorPoolStrategy(size=ic.tokenizer_actors),
+                            **remote)
+        ok.write_parquet(storage.join(out, "_stage2"), filesystem=fs, partition_cols=["status"])
+
+    # Quarantine (both passes) and the dedup audit trail, in one uniform schema each.
+    q_parts = [p for p in (storage.join(out, "_stage1", "status=quarantined"),
+                           storage.join(out, "_stage2", "status=quarantined")) if storage.exists(fs, p)]
+    if q_parts:
+        q = _read(q_parts[0], fs).select_columns(QUARANTINE_COLUMNS)
+        for extra in q_parts[1:]:
+            q = q.union(_read(extra, fs).select_columns(QUARANTINE_COLUMNS))
+        q.write_parquet(storage.join(out, "quarantine"), filesystem=fs)
+    dedup_dir = storage.join(out, "_stage2", "status=deduplicated")
+    if storage.exists(fs, dedup_dir):
+        _read(dedup_dir, fs).select_columns(["row_id", "source", "duplicate_of"]).write_parquet(
+            storage.join(out, "deduplicated"), filesystem=fs)
+
+    # Pass 3: UDM weights (or weight 1), written as the prepared data.
+    kept_dir = storage.join(out, "_stage2", "status=ok")
+    udm_report = {"enabled": cfg.udm.enabled}
+    if storage.exists(fs, kept_dir):
+        kept = _read(kept_dir, fs).drop_columns(["reason", "raw", "duplicate_of", "pair_key"])
+        kept, udm_report = fit_and_weigh(kept, cfg, fs, storage.join(out, "udm"))
+        kept.write_parquet(storage.join(out, "data"), filesystem=fs)
+        udm_report = diagnostics(cfg, fs, storage.join(out, "data"), storage.join(out, "udm"), udm_report)
+
+    manifest = _manifest(cfg, fs, out, rows_read, files, udm_report, time.time() - t0)
+    for sub in ("_stage1", "_stage2"):
+        fs.delete_dir(storage.join(out, sub))
+    return manifest
+
+
+def _manifest(cfg, fs, out, rows_read, files, udm_report, seconds) -> dict:
+    ic = cfg.ingest
+    stage1 = count_rows(fs, storage.join(out, "_stage1"))
+    kept = count_rows(fs, storage.join(out, "data"))
+    dedup = count_rows(fs, storage.join(out, "deduplicated"))
+    reasons: dict[str, int] = {}
+    if storage.exists(fs, storage.join(out, "quarantine")):
+        for r in _read(storage.join(out, "quarantine"), fs, columns=["reason"]).groupby("reason").count().take_all():
+            reasons[r["reason"]] = int(r["count()"])
+    quarantined = sum(reasons.values())
+    per_split_label, lengths = {}, {}
+    if kept:
+        data = _read(storage.join(out, "data"), fs, columns=["split", "label", "prompt_tokens",
+                                                            "completion_tokens", "truncated"])
+        for r in data.groupby(["split", "label"]).count().take_all():
+            per_split_label[f"{r['split']}/{'up' if r['label'] else 'down'}"] = int(r["count()"])
+        hist = np.zeros(ic.max_length + 1, np.int64)
+        for b in data.map_batches(_length_hist, fn_kwargs={"max_length": ic.max_length},
+                                  batch_format="numpy").iter_rows():
+            hist += np.asarray(b["hist"])
+        lengths = _percentiles(hist)
+        lengths["truncated"] = int(data.sum("truncated") or 0)
+    manifest = {
+        "input": ic.input, "files": len(files), "rows_read": rows_read, "examples": stage1,
+        "paired_rows_expanded": stage1 - rows_read, "kept": kept, "quarantined": quarantined,
+        "deduplicated": dedup, "quarantine_reasons": dict(sorted(reasons.items())),
+        "reason_help": {k: REASONS[k] for k in sorted(reasons) if k in REASONS},
+        "kept_by_split_label": dict(sorted(per_split_label.items())), "tokens": lengths,
+        "udm": udm_report, "seconds": round(seconds, 1), "config": to_dict(cfg),
+    }
+    if stage1 != kept + quarantined + dedup:  # the accounting invariant; a failure is a bug
+        raise RuntimeError(f"row accounting broken: examples {stage1} != kept {kept} + quarantined "
+                           f"{quarantined} + deduplicated {dedup}")
+    storage.write_bytes(fs, storage.join(out, "manifest.json"), json.dumps(manifest, indent=2).encode())
+    return manifest

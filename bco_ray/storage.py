@@ -1,0 +1,91 @@
+"""Local paths and s3:// URIs as one (pyarrow filesystem, path) pair.
+
+pyarrow's native S3 client is used (it is what Ray Data's readers and writers use best);
+endpoint, region and credentials come from `StorageConfig`, else from the usual AWS
+environment variables and credential chain. Filesystems pickle, so Ray tasks get them.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import posixpath
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+from bco_ray.config import StorageConfig
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith(("s3://", "s3a://"))
+
+
+def filesystem(uri: str, cfg: StorageConfig) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it) for a local path or an s3:// URI."""
+    if not is_s3(uri):
+        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+    parsed = urlparse(uri)
+    endpoint = cfg.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    kwargs: dict = {}
+    if endpoint:
+        ep = urlparse(endpoint)
+        kwargs["endpoint_override"] = ep.netloc or ep.path
+        kwargs["scheme"] = ep.scheme or "https"
+    region = cfg.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        kwargs["region"] = region
+    if cfg.anonymous:
+        kwargs["anonymous"] = True
+    elif cfg.access_key_id:
+        kwargs["access_key"] = cfg.access_key_id
+        kwargs["secret_key"] = cfg.secret_access_key
+    return pafs.S3FileSystem(**kwargs), (parsed.netloc + parsed.path).rstrip("/")
+
+
+def join(base: str, *parts: str) -> str:
+    return posixpath.join(base, *parts)
+
+
+def list_parquet(fs: pafs.FileSystem, path: str) -> list[str]:
+    """Parquet files under a file, directory (recursive) or glob, sorted for determinism."""
+    has_glob = any(ch in path for ch in "*?[")
+    base = path
+    if has_glob:
+        base = path[: min(path.find(ch) for ch in "*?[" if ch in path)].rsplit("/", 1)[0]
+    info = fs.get_file_info(base)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"no such input: {path}")
+    if info.type == pafs.FileType.File:
+        return [base]
+    infos = fs.get_file_info(pafs.FileSelector(base, recursive=True))
+    files = [i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet")
+             and not any(part.startswith(("_", ".")) for part in i.path[len(base):].split("/"))]
+    if has_glob:
+        files = [f for f in files if fnmatch.fnmatch(f, path)]
+    return sorted(files)
+
+
+def partition_value(path: str, key: str) -> str | None:
+    """The value of a hive partition `key=value` in a file path, if any."""
+    for part in path.split("/"):
+        if part.startswith(key + "="):
+            return part[len(key) + 1:]
+    return None
+
+
+def write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    parent = posixpath.dirname(path)
+    if parent:
+        fs.create_dir(parent, recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+
+
+def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def exists(fs: pafs.FileSystem, path: str) -> bool:
+    return fs.get_file_info(path).type != pafs.FileType.NotFound

@@ -1,0 +1,178 @@
+"""UDM on Ray Data: sample prompts per label, embed them in an actor pool, fit the
+classifier (bco_ray.udm), then weigh every thumbs-down row in a second actor pool.
+
+Sampling is by a seeded hash of the row id, so a rerun with the same seed picks the same
+prompts on any number of workers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pyarrow as pa
+
+from bco_ray import storage
+from bco_ray.config import Config
+from bco_ray.udm import (
+    PromptEmbedder,
+    UDMClassifier,
+    UDMWeigher,
+    calibration,
+    fit_logistic_regression,
+    roc_auc,
+)
+
+MIN_HELDOUT = 20  # prompts per label below which held-out AUC / accuracy mean little
+
+
+def _unit_hash(row_id: str, seed: int) -> float:
+    h = hashlib.blake2b(f"{seed}:{row_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "big") / 2**64
+
+
+def _select(batch: dict, split: str, label: bool, frac: float, seed: int) -> dict:
+    keep = [i for i, (s, lab, rid) in enumerate(zip(batch["split"], batch["label"], batch["row_id"], strict=True))
+            if s == split and bool(lab) == label and _unit_hash(str(rid), seed) < frac]
+    return {"row_id": [batch["row_id"][i] for i in keep], "prompt": [batch["prompt"][i] for i in keep],
+            "label": [bool(batch["label"][i]) for i in keep]}
+
+
+def _sample(ds, counts: dict, split: str, n: int, seed: int) -> list[dict]:
+    rows = []
+    for label in (True, False):
+        total = counts.get((split, label), 0)
+        if total == 0:
+            continue
+        frac = min(1.0, 2.0 * n / total)  # over-draw, then keep the n smallest hashes
+        got = ds.map_batches(_select, fn_kwargs={"split": split, "label": label, "frac": frac, "seed": seed},
+                             batch_format="numpy").take_all()
+        got.sort(key=lambda r: _unit_hash(str(r["row_id"]), seed))
+        rows += got[:n]
+    return rows
+
+
+def _embed(rows: list[dict], model_dir: str, cfg: Config) -> np.ndarray:
+    import ray
+
+    uc = cfg.udm
+    out = ray.data.from_items(rows).map_batches(
+        PromptEmbedder, fn_constructor_kwargs={"model_dir": model_dir, "max_length": uc.max_embed_length,
+                                               "batch_size": uc.embed_batch_size},
+        batch_size=uc.embed_batch_size, batch_format="numpy", num_cpus=cfg.ingest.num_cpus_per_task,
+        compute=ray.data.ActorPoolStrategy(size=uc.embed_actors)).take_all()
+    by_id = {r["row_id"]: np.asarray(r["embedding"]) for r in out}
+    return np.stack([by_id[r["row_id"]] for r in rows])
+
+
+def _add_unit_weight(table: pa.Table) -> pa.Table:
+    return table.append_column("weight", pa.array(np.ones(table.num_rows, dtype=np.float32)))
+
+
+def fit_and_weigh(ds, cfg: Config, fs, udm_dir: str):
+    """(dataset with a `weight` column, UDM report). Weights are 1 when UDM is off or cannot fit."""
+    import ray
+
+    from bco_ray.assets import resolve_model
+
+    uc, seed = cfg.udm, cfg.run.seed
+    if not uc.enabled:
+        return ds.map_batches(_add_unit_weight, batch_format="pyarrow"), {"enabled": False}
+    counts = {(r["split"], bool(r["label"])): int(r["count()"])
+              for r in ds.groupby(["split", "label"]).count().take_all()}
+    train = _sample(ds, counts, "train", uc.sample_size, seed)
+    held = _sample(ds, counts, "eval", uc.eval_sample_size, seed)
+    if min(sum(r["label"] for r in held), sum(not r["label"] for r in held)) < MIN_HELDOUT:
+        # Too few eval prompts of a label for meaningful metrics: hold out a fifth of the sample.
+        held = [r for r in train if _unit_hash(r["row_id"], seed + 1) < 0.2]
+        train = [r for r in train if _unit_hash(r["row_id"], seed + 1) >= 0.2]
+    if len({r["label"] for r in train}) < 2 or len({r["label"] for r in held}) < 2:
+        report = {"enabled": True, "skipped": "UDM needs prompts of both labels; every weight is 1"}
+        return ds.map_batches(_add_unit_weight, batch_format="pyarrow"), report
+    model_dir = str(resolve_model(cfg.model.embedder, cfg.model.cache_dir))
+    emb = _embed(train + held, model_dir, cfg)
+    x_tr, x_ho = emb[:len(train)], emb[len(train):]
+    y_tr = np.array([r["label"] for r in train])
+    y_ho = np.array([r["label"] for r in held])
+    coef, intercept = fit_logistic_regression(x_tr, y_tr, c=uc.l2_c)
+    clf = UDMClassifier(coef=coef.tolist(), intercept=intercept, embedder=cfg.model.embedder,
+                        max_embed_length=uc.max_embed_length, min_density_ratio=uc.min_density_ratio,
+                        max_density_ratio=uc.max_density_ratio)
+    p_tr, p_ho = clf.prob_desirable(x_tr), clf.prob_desirable(x_ho)
+    clf.metrics = {
+        "train_prompts": {"up": int(y_tr.sum()), "down": int((~y_tr).sum())},
+        "heldout_prompts": {"up": int(y_ho.sum()), "down": int((~y_ho).sum())},
+        "train_auc": roc_auc(p_tr, y_tr), "heldout_auc": roc_auc(p_ho, y_ho),
+        "heldout_accuracy": float(((p_ho > 0.5) == y_ho).mean()),
+        "heldout_calibration": calibration(p_ho, y_ho),
+    }
+    storage.write_bytes(fs, storage.join(udm_dir, "classifier.json"), clf.to_json().encode())
+    weighted = ds.map_batches(
+        UDMWeigher, fn_constructor_kwargs={"model_dir": model_dir, "classifier_json": clf.to_json(),
+                                           "batch_size": uc.embed_batch_size},
+        batch_size=uc.embed_batch_size, batch_format="pyarrow", num_cpus=cfg.ingest.num_cpus_per_task,
+        compute=ray.data.ActorPoolStrategy(size=uc.embed_actors))
+    return weighted, {"enabled": True, **{k: v for k, v in clf.metrics.items() if k != "heldout_calibration"}}
+
+
+def _weight_hist(batch: dict, edges: np.ndarray) -> dict:
+    w = np.asarray(batch["weight"], np.float64)[~np.asarray(batch["label"], bool)]
+    return {"hist": [np.histogram(w, bins=edges)[0]], "sum": [w.sum()], "n": [len(w)]}
+
+
+def diagnostics(cfg: Config, fs, data_dir: str, udm_dir: str, report: dict) -> dict:
+    """Weight distribution of the written data (streamed) and a PNG; returns the report."""
+    import ray
+
+    if not report.get("enabled") or "skipped" in report:
+        return report
+    uc = cfg.udm
+    edges = np.geomspace(uc.min_density_ratio, uc.max_density_ratio, 31)
+    edges[-1] *= 1.0000001  # include the upper clamp in the last bin
+    hist, total, n = np.zeros(30, np.int64), 0.0, 0
+    ds = ray.data.read_parquet(data_dir, filesystem=fs).select_columns(["weight", "label"])
+    for r in ds.map_batches(_weight_hist, fn_kwargs={"edges": edges}, batch_format="numpy").iter_rows():
+        hist += np.asarray(r["hist"])
+        total, n = total + float(r["sum"]), n + int(r["n"])
+    cum = np.cumsum(hist)
+    pct = {f"p{q}": float(edges[min(int(np.searchsorted(cum, q / 100 * cum[-1])) + 1, 30)])
+           for q in (5, 50, 95)} if n else {}
+    report = {**report, "thumbs_down_weight": {"mean": total / n if n else None, **pct,
+                                               "at_lower_clamp": int(hist[0]), "at_upper_clamp": int(hist[-1])}}
+    clf = UDMClassifier.from_json(storage.read_bytes(fs, storage.join(udm_dir, "classifier.json")).decode())
+    storage.write_bytes(fs, storage.join(udm_dir, "diagnostics.png"), _plot(edges, hist, clf))
+    storage.write_bytes(fs, storage.join(udm_dir, "report.json"), json.dumps(report, indent=1).encode())
+    return report
+
+
+def _plot(edges: np.ndarray, hist: np.ndarray, clf: UDMClassifier) -> bytes:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    a.bar(edges[:-1], hist, width=np.diff(edges), align="edge", color="tab:red", alpha=0.7,
+          label="thumbs-down rows")
+    a.axvline(1.0, color="tab:green", lw=2, label="thumbs-up rows (all 1)")
+    a.set_xscale("log")
+    a.set_xlabel("UDM weight p/(1-p), clamped")
+    a.set_ylabel("rows")
+    a.set_title("UDM weights of thumbs-down rows (all near 1: no prompt shift)")
+    a.legend()
+    cal = clf.metrics.get("heldout_calibration", [])
+    b.plot([0, 1], [0, 1], "k--", lw=1, label="perfect")
+    b.plot([c["mean_p"] for c in cal], [c["frac_up"] for c in cal], "o-", label="held-out prompts")
+    b.set_xlabel("predicted P(thumbs-up | prompt)")
+    b.set_ylabel("observed share thumbs-up")
+    b.set_title(f"Classifier: held-out AUC {clf.metrics.get('heldout_auc', float('nan')):.3f}, "
+                f"acc {clf.metrics.get('heldout_accuracy', float('nan')):.3f}")
+    b.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()

@@ -1,0 +1,52 @@
+"""UDM math: the logistic regression's optimality, AUC, clamped density ratios, JSON storage."""
+
+import numpy as np
+import pytest
+import torch
+
+from bco_ray.udm import UDMClassifier, calibration, density_ratio, fit_logistic_regression, roc_auc
+
+
+def test_logistic_regression_reaches_the_optimum_of_sklearns_objective():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 5))
+    y = (x[:, 0] + 0.5 * rng.normal(size=300)) > 0.8  # imbalanced classes
+    w, b = fit_logistic_regression(x, y, c=1.0)
+    # KKT: the gradient of 0.5|w|^2 + C sum s_i logloss_i vanishes at the optimum.
+    X, t = torch.tensor(x), torch.tensor(y, dtype=torch.float64)
+    s = torch.where(t > 0, 300 / (2 * t.sum()), 300 / (2 * (1 - t).sum()))
+    wt = torch.tensor(w, requires_grad=True)
+    bt = torch.tensor(b, dtype=torch.float64, requires_grad=True)
+    loss = 0.5 * wt @ wt + (s * torch.nn.functional.binary_cross_entropy_with_logits(
+        X @ wt + bt, t, reduction="none")).sum()
+    gw, gb = torch.autograd.grad(loss, [wt, bt])
+    assert gw.abs().max() < 1e-5 and abs(gb) < 1e-5
+    assert w[0] > 1.0 and abs(w[1:]).max() < 0.5  # found the informative feature
+
+
+def test_auc_matches_pairwise_definition():
+    rng = np.random.default_rng(1)
+    scores = np.round(rng.normal(size=60), 1)  # ties on purpose
+    y = rng.random(60) < 0.4
+    pos, neg = scores[y], scores[~y]
+    brute = np.mean([(p > n) + 0.5 * (p == n) for p in pos for n in neg])
+    assert roc_auc(scores, y) == pytest.approx(brute)
+    assert roc_auc([0.1, 0.9], [False, True]) == 1.0
+    assert np.isnan(roc_auc([0.1, 0.2], [True, True]))
+
+
+def test_density_ratio_is_clamped():
+    assert density_ratio([0.5, 0.9, 0.01, 0.99999], 0.5, 10.0).tolist() == pytest.approx([1.0, 9.0, 0.5, 10.0])
+
+
+def test_classifier_json_round_trip_and_calibration():
+    clf = UDMClassifier(coef=[1.0, -2.0], intercept=0.5, embedder="e", max_embed_length=8,
+                        min_density_ratio=0.5, max_density_ratio=10.0, metrics={"heldout_auc": 0.7})
+    again = UDMClassifier.from_json(clf.to_json())
+    assert again == clf
+    emb = np.array([[0.0, 0.0], [1.0, 1.0]])
+    assert again.weights(emb).tolist() == pytest.approx(np.exp([0.5, -0.5]).tolist())
+    with pytest.raises(ValueError):
+        UDMClassifier.from_json('{"coef": []}')
+    cal = calibration(np.array([0.05, 0.15, 0.95]), np.array([False, True, True]))
+    assert sum(c["count"] for c in cal) == 3
