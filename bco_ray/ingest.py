@@ -68,44 +68,56 @@ def _resolve(group: pa.Table, policy: str) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=STAGE2_SCHEMA)
 
 
-class _Tokenize:
-    """Ray Data actor: one tokenizer, reused over batches."""
+_TOKENIZERS: dict = {}
 
-    def __init__(self, cfg: Config):
+
+def _feedback_tokenizer(cfg: Config):
+    """One tokenizer per Ray worker process (workers are reused across tasks)."""
+    key = (cfg.model.policy, cfg.model.cache_dir, cfg.ingest.max_length, cfg.ingest.max_prompt_length,
+           cfg.ingest.chat_template)
+    if key not in _TOKENIZERS:
         from transformers import AutoTokenizer
 
         from bco_ray.assets import resolve_model
         from bco_ray.tokenization import FeedbackTokenizer
 
-        ic = cfg.ingest
         path = resolve_model(cfg.model.policy, cfg.model.cache_dir)
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
-        self.enc = FeedbackTokenizer(tok, ic.max_length, ic.max_prompt_length, ic.chat_template)
-        self.eval_fraction = ic.eval_fraction
+        _TOKENIZERS[key] = FeedbackTokenizer(tok, *key[2:])
+    return _TOKENIZERS[key]
 
-    def __call__(self, table: pa.Table) -> pa.Table:
-        from bco_ray.normalise import Reject
-        from bco_ray.tokenization import split_of
 
-        rows = table.to_pylist()
-        for r in rows:
-            r.update(input_ids=None, completion_mask=None, prompt_tokens=None, completion_tokens=None,
-                     truncated=None, split=None)
-            if r["status"] != "ok":
-                continue
-            try:
-                r.update(self.enc.encode(r["prompt"], r["prompt_messages"], r["completion"]))
-                r["split"] = split_of(r["prompt"], r["prompt_messages"], self.eval_fraction)
-            except Reject as e:
-                r["status"], r["reason"] = "quarantined", e.reason
-                r["raw"] = json.dumps({k: r[k] for k in ("prompt", "prompt_messages", "completion", "label")},
-                                      ensure_ascii=False)
-        schema = table.schema
-        for name, typ in (("input_ids", pa.list_(pa.int32())), ("completion_mask", pa.list_(pa.int8())),
-                          ("prompt_tokens", pa.int32()), ("completion_tokens", pa.int32()),
-                          ("truncated", pa.bool_()), ("split", pa.string())):
-            schema = schema.append(pa.field(name, typ))
-        return pa.Table.from_pylist(rows, schema=schema)
+TOKEN_FIELDS = [("input_ids", pa.list_(pa.int32())), ("completion_mask", pa.list_(pa.int8())),
+                ("prompt_tokens", pa.int32()), ("completion_tokens", pa.int32()),
+                ("truncated", pa.bool_()), ("split", pa.string())]
+
+
+def _tokenize(table: pa.Table, cfg: Config) -> pa.Table:
+    """Ray Data task: encode the ok rows, assign the split; prompt_too_long -> quarantine.
+
+    Plain tasks, not an actor pool: actors would hold CPUs through the shuffle before
+    this step and starve it on a small cluster.
+    """
+    from bco_ray.normalise import Reject
+    from bco_ray.tokenization import split_of
+
+    enc = _feedback_tokenizer(cfg)
+    rows = table.to_pylist()
+    for r in rows:
+        r.update({name: None for name, _ in TOKEN_FIELDS})
+        if r["status"] != "ok":
+            continue
+        try:
+            r.update(enc.encode(r["prompt"], r["prompt_messages"], r["completion"]))
+            r["split"] = split_of(r["prompt"], r["prompt_messages"], cfg.ingest.eval_fraction)
+        except Reject as e:
+            r["status"], r["reason"] = "quarantined", e.reason
+            r["raw"] = json.dumps({k: r[k] for k in ("prompt", "prompt_messages", "completion", "label")},
+                                  ensure_ascii=False)
+    schema = table.schema
+    for name, typ in TOKEN_FIELDS:
+        schema = schema.append(pa.field(name, typ))
+    return pa.Table.from_pylist(rows, schema=schema)
 
 
 def _input_units(cfg: Config) -> tuple[list[dict], int, list[str]]:
@@ -140,10 +152,12 @@ def count_rows(fs, path: str) -> int:
     return total
 
 
-def _read(path: str, fs, columns: list[str] | None = None):
+def _read(path: str, fs, num_cpus: float, columns: list[str] | None = None):
     import ray
 
-    ds = ray.data.read_parquet(path, filesystem=fs)
+    # Read tasks ask for a whole CPU by default; next to a 0.5-CPU actor on a 1-CPU
+    # cluster they would never be scheduled.
+    ds = ray.data.read_parquet(path, filesystem=fs, ray_remote_args={"num_cpus": num_cpus})
     return ds.select_columns(columns) if columns else ds
 
 
@@ -174,43 +188,49 @@ def prepare(cfg: Config) -> dict:
             fs.delete_dir(storage.join(out, sub))
     units, rows_read, files = _input_units(cfg)
     remote = {"num_cpus": ic.num_cpus_per_task}
+    ctx = ray.data.DataContext.get_current()
+    ctx.shuffle_strategy = (ray.data.context.ShuffleStrategy.SORT_SHUFFLE_PULL_BASED if ic.shuffle == "sort"
+                            else ray.data.context.ShuffleStrategy.HASH_SHUFFLE)
 
     # Pass 1: read + normalise.
     ds = ray.data.from_items(units, override_num_blocks=len(units))
     ds = ds.map_batches(_read_normalise, fn_kwargs={"cfg": cfg}, batch_size=1, batch_format="numpy", **remote)
-    ds.write_parquet(storage.join(out, "_stage1"), filesystem=fs, partition_cols=["status"])
+    ds.write_parquet(storage.join(out, "_stage1"), filesystem=fs, partition_cols=["status"],
+                     ray_remote_args=remote)
 
     # Pass 2: dedup / conflicts, tokenize, split.
     stage1_ok = storage.join(out, "_stage1", "status=ok")
     if storage.exists(fs, stage1_ok):
-        ok = _read(stage1_ok, fs).repartition(target_num_rows_per_block=ic.rows_per_block)
-        ok = ok.groupby("pair_key").map_groups(_resolve, fn_kwargs={"policy": ic.conflicts},
+        ok = _read(stage1_ok, fs, ic.num_cpus_per_task).repartition(target_num_rows_per_block=ic.rows_per_block)
+        # ~20k rows per shuffle partition: enough parallelism, few tiny blocks.
+        partitions = max(1, min(200, rows_read // 20_000))
+        ok = ok.groupby("pair_key", num_partitions=partitions).map_groups(_resolve, fn_kwargs={"policy": ic.conflicts},
                                                batch_format="pyarrow", **remote)
-        ok = ok.map_batches(_Tokenize, fn_constructor_kwargs={"cfg": cfg}, batch_format="pyarrow",
-                            batch_size=256, compute=ray.data.ActorPoolStrategy(size=ic.tokenizer_actors),
+        ok = ok.map_batches(_tokenize, fn_kwargs={"cfg": cfg}, batch_format="pyarrow", batch_size=1024,
                             **remote)
-        ok.write_parquet(storage.join(out, "_stage2"), filesystem=fs, partition_cols=["status"])
+        ok.write_parquet(storage.join(out, "_stage2"), filesystem=fs, partition_cols=["status"],
+                         ray_remote_args=remote)
 
     # Quarantine (both passes) and the dedup audit trail, in one uniform schema each.
     q_parts = [p for p in (storage.join(out, "_stage1", "status=quarantined"),
                            storage.join(out, "_stage2", "status=quarantined")) if storage.exists(fs, p)]
     if q_parts:
-        q = _read(q_parts[0], fs).select_columns(QUARANTINE_COLUMNS)
+        q = _read(q_parts[0], fs, ic.num_cpus_per_task).select_columns(QUARANTINE_COLUMNS)
         for extra in q_parts[1:]:
-            q = q.union(_read(extra, fs).select_columns(QUARANTINE_COLUMNS))
-        q.write_parquet(storage.join(out, "quarantine"), filesystem=fs)
+            q = q.union(_read(extra, fs, ic.num_cpus_per_task).select_columns(QUARANTINE_COLUMNS))
+        q.write_parquet(storage.join(out, "quarantine"), filesystem=fs, ray_remote_args=remote)
     dedup_dir = storage.join(out, "_stage2", "status=deduplicated")
     if storage.exists(fs, dedup_dir):
-        _read(dedup_dir, fs).select_columns(["row_id", "source", "duplicate_of"]).write_parquet(
-            storage.join(out, "deduplicated"), filesystem=fs)
+        _read(dedup_dir, fs, ic.num_cpus_per_task).select_columns(["row_id", "source", "duplicate_of"]).write_parquet(
+            storage.join(out, "deduplicated"), filesystem=fs, ray_remote_args=remote)
 
     # Pass 3: UDM weights (or weight 1), written as the prepared data.
     kept_dir = storage.join(out, "_stage2", "status=ok")
     udm_report = {"enabled": cfg.udm.enabled}
     if storage.exists(fs, kept_dir):
-        kept = _read(kept_dir, fs).drop_columns(["reason", "raw", "duplicate_of", "pair_key"])
+        kept = _read(kept_dir, fs, ic.num_cpus_per_task).drop_columns(["reason", "raw", "duplicate_of", "pair_key"])
         kept, udm_report = fit_and_weigh(kept, cfg, fs, storage.join(out, "udm"))
-        kept.write_parquet(storage.join(out, "data"), filesystem=fs)
+        kept.write_parquet(storage.join(out, "data"), filesystem=fs, ray_remote_args=remote)
         udm_report = diagnostics(cfg, fs, storage.join(out, "data"), storage.join(out, "udm"), udm_report)
 
     manifest = _manifest(cfg, fs, out, rows_read, files, udm_report, time.time() - t0)
@@ -226,12 +246,12 @@ def _manifest(cfg, fs, out, rows_read, files, udm_report, seconds) -> dict:
     dedup = count_rows(fs, storage.join(out, "deduplicated"))
     reasons: dict[str, int] = {}
     if storage.exists(fs, storage.join(out, "quarantine")):
-        for r in _read(storage.join(out, "quarantine"), fs, columns=["reason"]).groupby("reason").count().take_all():
+        for r in _read(storage.join(out, "quarantine"), fs, ic.num_cpus_per_task, columns=["reason"]).groupby("reason").count().take_all():
             reasons[r["reason"]] = int(r["count()"])
     quarantined = sum(reasons.values())
     per_split_label, lengths = {}, {}
     if kept:
-        data = _read(storage.join(out, "data"), fs, columns=["split", "label", "prompt_tokens",
+        data = _read(storage.join(out, "data"), fs, ic.num_cpus_per_task, columns=["split", "label", "prompt_tokens",
                                                             "completion_tokens", "truncated"])
         for r in data.groupby(["split", "label"]).count().take_all():
             per_split_label[f"{r['split']}/{'up' if r['label'] else 'down'}"] = int(r["count()"])

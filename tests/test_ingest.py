@@ -15,7 +15,7 @@ from bco_ray.ingest import prepare
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 BASE = ["--model.policy", "tiny-llama", "--ingest.label_column", "feedback", "--ingest.max_length", "256",
-        "--ingest.max_prompt_length", "200", "--ingest.tokenizer_actors", "1"]
+        "--ingest.max_prompt_length", "200"]
 
 
 def read(path, fs=None):

@@ -1,0 +1,122 @@
+"""`prepare` throughput and memory at scale, 1 vs 2 CPUs.
+
+    python bench/ingest.py                     # 1e5 and 1e6 rows, UDM off, 1 and 2 CPUs
+    python bench/ingest.py --rows 1e5 --udm    # with UDM (embeds every thumbs-down prompt)
+    python bench/ingest.py --rows 1e7          # if you have the disk and the hour
+
+Each run is a fresh process with a fresh local Ray cluster of N CPUs. A sampler thread
+reads the RSS of the driver and of every process below it (raylet, GCS, Ray workers)
+every 0.5 s. If memory did not stream, the peaks would grow with the number of rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def child(args) -> None:
+    import psutil
+
+    from bco_ray.config import RayConfig, load_config
+    from bco_ray.ingest import prepare
+    from bco_ray.raycluster import init_ray
+
+    me = psutil.Process()
+    peak = {"driver_mb": 0.0, "workers_mb": 0.0, "largest_worker_mb": 0.0}
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            try:
+                kids = me.children(recursive=True)
+                rss = [k.memory_info().rss / 2**20 for k in kids if k.is_running()]
+            except psutil.Error:
+                continue
+            peak["driver_mb"] = max(peak["driver_mb"], me.memory_info().rss / 2**20)
+            peak["workers_mb"] = max(peak["workers_mb"], sum(rss))
+            peak["largest_worker_mb"] = max(peak["largest_worker_mb"], max(rss, default=0.0))
+            stop.wait(0.5)
+
+    init_ray(RayConfig(num_cpus=args.cpus, auth="disabled", temp_dir=f"/tmp/bcb-{os.getpid()}"))
+    import ray
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    threading.Thread(target=sample, daemon=True).start()
+    cfg = load_config(None, ["--ingest.input", args.input, "--ingest.label_column", "feedback",
+                             "--model.policy", args.model, "--run.run_dir", args.out,
+                             "--udm.enabled", str(args.udm).lower(),
+                             "--udm.embed_actors", str(max(1, args.cpus))])
+    t0 = time.time()
+    m = prepare(cfg)
+    seconds = time.time() - t0
+    stop.set()
+    print(json.dumps({"rows": m["rows_read"], "kept": m["kept"], "seconds": round(seconds, 1),
+                      "rows_per_s": round(m["rows_read"] / seconds), **{k: round(v) for k, v in peak.items()}}))
+    ray.shutdown()
+
+
+def run(rows: int, cpus: int, log: str, args) -> dict:
+    out = tempfile.mkdtemp(prefix="bcb-out-")
+    try:
+        cmd = [sys.executable, __file__, "--child", "--cpus", str(cpus), "--input", log, "--out", out,
+               "--model", args.model] + (["--udm"] if args.udm else [])
+        res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        if res.returncode:
+            sys.stderr.write(res.stderr[-3000:])
+            raise SystemExit(f"prepare failed ({rows} rows, {cpus} CPUs)")
+        return json.loads(res.stdout.strip().splitlines()[-1])
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", type=float, nargs="+", default=[1e5, 1e6])
+    p.add_argument("--cpus", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--udm", action="store_true", help="also fit UDM and weigh every thumbs-down row")
+    p.add_argument("--model", default="tiny-llama", help="whose tokenizer (tiny-llama has SmolLM2's)")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--input", help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        args.cpus = args.cpus[0]
+        child(args)
+        return
+    from bco_ray.demo_data import write_log
+
+    results = []
+    for rows in (int(r) for r in args.rows):
+        log = tempfile.mkdtemp(prefix="bcb-log-")
+        try:
+            t0 = time.time()
+            write_log(log, rows, seed=0, shift=0.5, dirty=0.02, days=4, files_per_day=4)
+            print(f"# generated {rows:,} rows in {time.time() - t0:.0f}s", flush=True)
+            for cpus in args.cpus:
+                r = {"cpus": cpus, **run(rows, cpus, log, args)}
+                print(json.dumps(r), flush=True)
+                results.append(r)
+        finally:
+            shutil.rmtree(log, ignore_errors=True)
+    print(f"\n| rows | CPUs | seconds | rows/s | speed-up | driver peak MB | all workers peak MB | largest worker MB |"
+          f"  (UDM {'on' if args.udm else 'off'})")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in results:
+        base = next(x for x in results if x["rows"] == r["rows"] and x["cpus"] == min(args.cpus))
+        print(f"| {r['rows']:,} | {r['cpus']} | {r['seconds']} | {r['rows_per_s']:,} | "
+              f"{r['rows_per_s'] / base['rows_per_s']:.2f}x | {r['driver_mb']} | {r['workers_mb']} | "
+              f"{r['largest_worker_mb']} |")
+
+
+if __name__ == "__main__":
+    main()
