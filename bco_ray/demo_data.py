@@ -64,8 +64,9 @@ SHIFTED = ("finance", "health")  # topics users thumb down more when shift > 0
 
 
 def synth_rows(n: int, seed: int = 0, shift: float = 0.0, p_helpful: float = 0.5,
-               start: dt.datetime | None = None, days: int = 3) -> dict:
-    """n clean rows as columns. Returns also `topic` and `helpful` (ground truth, for tests)."""
+               start: dt.datetime | None = None, days: int = 3, unique: bool = False) -> dict:
+    """n clean rows as columns. Returns also `topic` and `helpful` (ground truth, for tests).
+    unique: append a per-request detail so no two prompts repeat (benchmarks)."""
     rng = np.random.default_rng(seed)
     topics = list(TOPICS)
     t = rng.integers(0, len(topics), n)
@@ -85,7 +86,8 @@ def synth_rows(n: int, seed: int = 0, shift: float = 0.0, p_helpful: float = 0.5
     for i in range(n):
         topic = topics[t[i]]
         x = SUBJECTS[topic][s[i]]
-        prompts.append(TOPICS[topic][q[i]].format(x=x) + CONTEXTS[ctx[i]])
+        detail = f" (Order #{seed}-{i}.)" if unique else ""
+        prompts.append(TOPICS[topic][q[i]].format(x=x) + CONTEXTS[ctx[i]] + detail)
         tpl = HELPFUL[hv[i]] if helpful[i] else UNHELPFUL[uv[i]]
         completions.append(tpl.format(x=x, a=TIPS[a[i]], b=TIPS[b[i]]))
         feedback.append((UP if up[i] else DOWN)[spell[i]])
@@ -134,9 +136,9 @@ LOG_COLUMNS = ["request_id", "ts", "model_version", "prompt", "completion", "fee
 
 def write_log(out: str, rows: int, seed: int = 0, shift: float = 0.0, dirty: float = 0.0,
               days: int = 3, files_per_day: int = 2, variants: bool = False, filesystem=None,
-              row_group_size: int = 50_000) -> dict:
+              row_group_size: int = 50_000, unique: bool = False) -> dict:
     """Write a partitioned log under `out` (local path, or a path inside `filesystem`)."""
-    cols = synth_rows(rows, seed, shift, days=days)
+    cols = synth_rows(rows, seed, shift, days=days, unique=unique)
     if dirty:
         cols = add_dirt(cols, seed, dirty)
     n = len(cols["prompt"])

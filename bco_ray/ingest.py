@@ -53,6 +53,11 @@ def _read_normalise(batch: dict, cfg: Config) -> pa.Table:
     return pa.concat_tables(tables)
 
 
+def _example_json(r: dict) -> str:
+    """The `raw` of a row rejected after normalisation: its example fields as JSON."""
+    return json.dumps({k: r[k] for k in ("prompt", "prompt_messages", "completion", "label")}, ensure_ascii=False)
+
+
 STAGE2_SCHEMA = NORMALISED_SCHEMA.append(pa.field("duplicate_of", pa.string()))
 
 
@@ -63,8 +68,7 @@ def _resolve(group: pa.Table, policy: str) -> pa.Table:
     rows = resolve_group(rows, policy)
     for r in rows:
         if r["status"] == "quarantined" and r["raw"] is None:
-            r["raw"] = json.dumps({k: r[k] for k in ("prompt", "prompt_messages", "completion", "label")},
-                                  ensure_ascii=False)
+            r["raw"] = _example_json(r)
     return pa.Table.from_pylist(rows, schema=STAGE2_SCHEMA)
 
 
@@ -112,8 +116,7 @@ def _tokenize(table: pa.Table, cfg: Config) -> pa.Table:
             r["split"] = split_of(r["prompt"], r["prompt_messages"], cfg.ingest.eval_fraction)
         except Reject as e:
             r["status"], r["reason"] = "quarantined", e.reason
-            r["raw"] = json.dumps({k: r[k] for k in ("prompt", "prompt_messages", "completion", "label")},
-                                  ensure_ascii=False)
+            r["raw"] = _example_json(r)
     schema = table.schema
     for name, typ in TOKEN_FIELDS:
         schema = schema.append(pa.field(name, typ))

@@ -4,7 +4,8 @@
     python bench/ingest.py --rows 1e5 --udm    # with UDM (embeds every thumbs-down prompt)
     python bench/ingest.py --rows 1e7          # if you have the disk and the hour
 
-Each run is a fresh process with a fresh local Ray cluster of N CPUs. A sampler thread
+Each run is a fresh process tree pinned to N cores (taskset) with a local Ray cluster of N
+CPUs. Prompts are made unique (as in production, where few rows repeat). A sampler thread
 reads the RSS of the driver and of every process below it (raylet, GCS, Ray workers)
 every 0.5 s. If memory did not stream, the peaks would grow with the number of rows.
 """
@@ -68,13 +69,21 @@ def child(args) -> None:
 def run(rows: int, cpus: int, log: str, args) -> dict:
     out = tempfile.mkdtemp(prefix="bcb-out-")
     try:
-        cmd = [sys.executable, __file__, "--child", "--cpus", str(cpus), "--input", log, "--out", out,
+        # Ray's num_cpus is a scheduling budget, not a core limit: pin the whole process
+        # tree (driver, raylet, workers) to N cores so that "1 CPU" means one core.
+        pin = ["taskset", "-c", f"0-{cpus - 1}"] if shutil.which("taskset") else []
+        cmd = pin + [sys.executable, __file__, "--child", "--cpus", str(cpus), "--input", log, "--out", out,
                "--model", args.model] + (["--udm"] if args.udm else [])
         res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         if res.returncode:
             sys.stderr.write(res.stderr[-3000:])
             raise SystemExit(f"prepare failed ({rows} rows, {cpus} CPUs)")
-        return json.loads(res.stdout.strip().splitlines()[-1])
+        # Ray may print its own log lines to stdout after ours: find the result line.
+        lines = [x for x in res.stdout.splitlines() if x.startswith('{"rows"')]
+        if not lines:
+            sys.stderr.write(res.stdout[-3000:] + res.stderr[-3000:])
+            raise SystemExit(f"no result line ({rows} rows, {cpus} CPUs)")
+        return json.loads(lines[-1])
     finally:
         shutil.rmtree(out, ignore_errors=True)
 
@@ -100,7 +109,7 @@ def main() -> None:
         log = tempfile.mkdtemp(prefix="bcb-log-")
         try:
             t0 = time.time()
-            write_log(log, rows, seed=0, shift=0.5, dirty=0.02, days=4, files_per_day=4)
+            write_log(log, rows, seed=0, shift=0.5, dirty=0.02, days=4, files_per_day=4, unique=True)
             print(f"# generated {rows:,} rows in {time.time() - t0:.0f}s", flush=True)
             for cpus in args.cpus:
                 r = {"cpus": cpus, **run(rows, cpus, log, args)}
