@@ -160,7 +160,7 @@ def _read(path: str, fs, num_cpus: float, columns: list[str] | None = None):
 
     # Read tasks ask for a whole CPU by default; next to a 0.5-CPU actor on a 1-CPU
     # cluster they would never be scheduled.
-    ds = ray.data.read_parquet(path, filesystem=fs, ray_remote_args={"num_cpus": num_cpus})
+    ds = ray.data.read_parquet(path, filesystem=fs, num_cpus=num_cpus)
     return ds.select_columns(columns) if columns else ds
 
 

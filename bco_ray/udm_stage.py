@@ -131,7 +131,7 @@ def diagnostics(cfg: Config, fs, data_dir: str, udm_dir: str, report: dict) -> d
     edges = np.geomspace(uc.min_density_ratio, uc.max_density_ratio, 31)
     edges[-1] *= 1.0000001  # include the upper clamp in the last bin
     hist, total, n = np.zeros(30, np.int64), 0.0, 0
-    ds = ray.data.read_parquet(data_dir, filesystem=fs, ray_remote_args={"num_cpus": cfg.ingest.num_cpus_per_task})
+    ds = ray.data.read_parquet(data_dir, filesystem=fs, num_cpus=cfg.ingest.num_cpus_per_task)
     ds = ds.select_columns(["weight", "label"])
     for r in ds.map_batches(_weight_hist, fn_kwargs={"edges": edges}, batch_format="numpy").iter_rows():
         hist += np.asarray(r["hist"])
