@@ -158,8 +158,8 @@ def count_rows(fs, path: str) -> int:
 def _read(path: str, fs, num_cpus: float, columns: list[str] | None = None):
     import ray
 
-    # Read tasks ask for a whole CPU by default; next to a 0.5-CPU actor on a 1-CPU
-    # cluster they would never be scheduled.
+    # Read tasks ask for a whole CPU by default; next to the 0.5-CPU UDM actors on a
+    # 1-CPU cluster they would never be scheduled.
     ds = ray.data.read_parquet(path, filesystem=fs, num_cpus=num_cpus)
     return ds.select_columns(columns) if columns else ds
 
@@ -180,65 +180,74 @@ def prepare(cfg: Config) -> dict:
     """Run the three passes; returns the manifest (also written to <output>/manifest.json)."""
     import ray
 
+    ctx = ray.data.DataContext.get_current()
+    previous = ctx.shuffle_strategy
+    strategies = ray.data.context.ShuffleStrategy
+    ctx.shuffle_strategy = strategies.SORT_SHUFFLE_PULL_BASED if cfg.ingest.shuffle == "sort" \
+        else strategies.HASH_SHUFFLE
+    try:
+        return _prepare(cfg)
+    finally:  # the caller's Ray session keeps its own setting
+        ctx.shuffle_strategy = previous
+
+
+def _prepare(cfg: Config) -> dict:
+    import ray
+
     from bco_ray.udm_stage import diagnostics, fit_and_weigh
 
     t0 = time.time()
     ic = cfg.ingest
-    out_uri = ic.output or storage.join(cfg.run.run_dir, "prepared")
-    fs, out = storage.filesystem(out_uri, cfg.storage)
+    cpus = ic.num_cpus_per_task
+    remote = {"num_cpus": cpus}
+    fs, out = storage.filesystem(ic.output or storage.join(cfg.run.run_dir, "prepared"), cfg.storage)
+
+    def path(*parts: str) -> str:
+        return storage.join(out, *parts)
+
     for sub in STAGES:  # writes append: never mix with an earlier run's files
-        if storage.exists(fs, storage.join(out, sub)):
-            fs.delete_dir(storage.join(out, sub))
+        if storage.exists(fs, path(sub)):
+            fs.delete_dir(path(sub))
     units, rows_read, files = _input_units(cfg)
-    remote = {"num_cpus": ic.num_cpus_per_task}
-    ctx = ray.data.DataContext.get_current()
-    ctx.shuffle_strategy = (ray.data.context.ShuffleStrategy.SORT_SHUFFLE_PULL_BASED if ic.shuffle == "sort"
-                            else ray.data.context.ShuffleStrategy.HASH_SHUFFLE)
 
     # Pass 1: read + normalise.
     ds = ray.data.from_items(units, override_num_blocks=len(units))
     ds = ds.map_batches(_read_normalise, fn_kwargs={"cfg": cfg}, batch_size=1, batch_format="numpy", **remote)
-    ds.write_parquet(storage.join(out, "_stage1"), filesystem=fs, partition_cols=["status"],
-                     ray_remote_args=remote)
+    ds.write_parquet(path("_stage1"), filesystem=fs, partition_cols=["status"], ray_remote_args=remote)
 
     # Pass 2: dedup / conflicts, tokenize, split.
-    stage1_ok = storage.join(out, "_stage1", "status=ok")
-    if storage.exists(fs, stage1_ok):
-        ok = _read(stage1_ok, fs, ic.num_cpus_per_task).repartition(target_num_rows_per_block=ic.rows_per_block)
-        # ~20k rows per shuffle partition: enough parallelism, few tiny blocks.
-        partitions = max(1, min(200, rows_read // 20_000))
-        ok = ok.groupby("pair_key", num_partitions=partitions).map_groups(_resolve, fn_kwargs={"policy": ic.conflicts},
-                                               batch_format="pyarrow", **remote)
-        ok = ok.map_batches(_tokenize, fn_kwargs={"cfg": cfg}, batch_format="pyarrow", batch_size=1024,
-                            **remote)
-        ok.write_parquet(storage.join(out, "_stage2"), filesystem=fs, partition_cols=["status"],
-                         ray_remote_args=remote)
+    if storage.exists(fs, path("_stage1", "status=ok")):
+        ok = _read(path("_stage1", "status=ok"), fs, cpus).repartition(target_num_rows_per_block=ic.rows_per_block)
+        partitions = max(1, min(200, rows_read // 20_000))  # ~20k rows per shuffle partition
+        ok = ok.groupby("pair_key", num_partitions=partitions).map_groups(
+            _resolve, fn_kwargs={"policy": ic.conflicts}, batch_format="pyarrow", **remote)
+        ok = ok.map_batches(_tokenize, fn_kwargs={"cfg": cfg}, batch_format="pyarrow", batch_size=1024, **remote)
+        ok.write_parquet(path("_stage2"), filesystem=fs, partition_cols=["status"], ray_remote_args=remote)
 
     # Quarantine (both passes) and the dedup audit trail, in one uniform schema each.
-    q_parts = [p for p in (storage.join(out, "_stage1", "status=quarantined"),
-                           storage.join(out, "_stage2", "status=quarantined")) if storage.exists(fs, p)]
+    q_parts = [p for p in (path("_stage1", "status=quarantined"), path("_stage2", "status=quarantined"))
+               if storage.exists(fs, p)]
     if q_parts:
-        q = _read(q_parts[0], fs, ic.num_cpus_per_task).select_columns(QUARANTINE_COLUMNS)
+        q = _read(q_parts[0], fs, cpus, QUARANTINE_COLUMNS)
         for extra in q_parts[1:]:
-            q = q.union(_read(extra, fs, ic.num_cpus_per_task).select_columns(QUARANTINE_COLUMNS))
-        q.write_parquet(storage.join(out, "quarantine"), filesystem=fs, ray_remote_args=remote)
-    dedup_dir = storage.join(out, "_stage2", "status=deduplicated")
-    if storage.exists(fs, dedup_dir):
-        _read(dedup_dir, fs, ic.num_cpus_per_task).select_columns(["row_id", "source", "duplicate_of"]).write_parquet(
-            storage.join(out, "deduplicated"), filesystem=fs, ray_remote_args=remote)
+            q = q.union(_read(extra, fs, cpus, QUARANTINE_COLUMNS))
+        q.write_parquet(path("quarantine"), filesystem=fs, ray_remote_args=remote)
+    if storage.exists(fs, path("_stage2", "status=deduplicated")):
+        dedup = _read(path("_stage2", "status=deduplicated"), fs, cpus, ["row_id", "source", "duplicate_of"])
+        dedup.write_parquet(path("deduplicated"), filesystem=fs, ray_remote_args=remote)
 
     # Pass 3: UDM weights (or weight 1), written as the prepared data.
-    kept_dir = storage.join(out, "_stage2", "status=ok")
     udm_report = {"enabled": cfg.udm.enabled}
-    if storage.exists(fs, kept_dir):
-        kept = _read(kept_dir, fs, ic.num_cpus_per_task).drop_columns(["reason", "raw", "duplicate_of", "pair_key"])
-        kept, udm_report = fit_and_weigh(kept, cfg, fs, storage.join(out, "udm"))
-        kept.write_parquet(storage.join(out, "data"), filesystem=fs, ray_remote_args=remote)
-        udm_report = diagnostics(cfg, fs, storage.join(out, "data"), storage.join(out, "udm"), udm_report)
+    if storage.exists(fs, path("_stage2", "status=ok")):
+        kept = _read(path("_stage2", "status=ok"), fs, cpus).drop_columns(["reason", "raw", "duplicate_of",
+                                                                           "pair_key"])
+        kept, udm_report = fit_and_weigh(kept, cfg, fs, path("udm"))
+        kept.write_parquet(path("data"), filesystem=fs, ray_remote_args=remote)
+        udm_report = diagnostics(cfg, fs, path("data"), path("udm"), udm_report)
 
     manifest = _manifest(cfg, fs, out, rows_read, files, udm_report, time.time() - t0)
     for sub in ("_stage1", "_stage2"):
-        fs.delete_dir(storage.join(out, sub))
+        fs.delete_dir(path(sub))
     return manifest
 
 
@@ -249,13 +258,16 @@ def _manifest(cfg, fs, out, rows_read, files, udm_report, seconds) -> dict:
     dedup = count_rows(fs, storage.join(out, "deduplicated"))
     reasons: dict[str, int] = {}
     if storage.exists(fs, storage.join(out, "quarantine")):
-        for r in _read(storage.join(out, "quarantine"), fs, ic.num_cpus_per_task, columns=["reason"]).groupby("reason").count().take_all():
+        reason_counts = _read(storage.join(out, "quarantine"), fs, ic.num_cpus_per_task, ["reason"])
+        for r in reason_counts.groupby("reason").count().take_all():
             reasons[r["reason"]] = int(r["count()"])
-    quarantined = sum(reasons.values())
+    quarantined = count_rows(fs, storage.join(out, "quarantine"))  # from footers, not from `reasons`
+    if quarantined != sum(reasons.values()):
+        raise RuntimeError(f"quarantine has {quarantined} rows but its reasons sum to {sum(reasons.values())}")
     per_split_label, lengths = {}, {}
     if kept:
-        data = _read(storage.join(out, "data"), fs, ic.num_cpus_per_task, columns=["split", "label", "prompt_tokens",
-                                                            "completion_tokens", "truncated"])
+        columns = ["split", "label", "prompt_tokens", "completion_tokens", "truncated"]
+        data = _read(storage.join(out, "data"), fs, ic.num_cpus_per_task, columns)
         for r in data.groupby(["split", "label"]).count().take_all():
             per_split_label[f"{r['split']}/{'up' if r['label'] else 'down'}"] = int(r["count()"])
         hist = np.zeros(ic.max_length + 1, np.int64)

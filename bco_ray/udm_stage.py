@@ -32,25 +32,29 @@ def _unit_hash(row_id: str, seed: int) -> float:
     return int.from_bytes(h, "big") / 2**64
 
 
-def _select(batch: dict, split: str, label: bool, frac: float, seed: int) -> dict:
+def _select(batch: dict, fracs: dict, seed: int) -> dict:
+    """Rows whose seeded hash falls under their (split, label) group's sampling fraction."""
     keep = [i for i, (s, lab, rid) in enumerate(zip(batch["split"], batch["label"], batch["row_id"], strict=True))
-            if s == split and bool(lab) == label and _unit_hash(str(rid), seed) < frac]
-    return {"row_id": [batch["row_id"][i] for i in keep], "prompt": [batch["prompt"][i] for i in keep],
-            "label": [bool(batch["label"][i]) for i in keep]}
+            if _unit_hash(str(rid), seed) < fracs.get(f"{s}/{bool(lab)}", 0.0)]
+    return {k: [batch[k][i] for i in keep] for k in ("row_id", "prompt", "split")} | \
+        {"label": [bool(batch["label"][i]) for i in keep]}
 
 
-def _sample(ds, counts: dict, split: str, n: int, seed: int) -> list[dict]:
-    rows = []
-    for label in (True, False):
-        total = counts.get((split, label), 0)
-        if total == 0:
-            continue
-        frac = min(1.0, 2.0 * n / total)  # over-draw, then keep the n smallest hashes
-        got = ds.map_batches(_select, fn_kwargs={"split": split, "label": label, "frac": frac, "seed": seed},
-                             batch_format="numpy").take_all()
-        got.sort(key=lambda r: _unit_hash(str(r["row_id"]), seed))
-        rows += got[:n]
-    return rows
+def _sample(ds, counts: dict, sizes: dict, seed: int) -> dict:
+    """{split: rows}: up to sizes[split] rows per label, in one pass over the data."""
+    # Over-draw by 2x, then keep the n smallest hashes: exact sizes, deterministic.
+    fracs = {f"{split}/{label}": min(1.0, 2.0 * sizes[split] / n)
+             for (split, label), n in counts.items() if n and split in sizes}
+    got = ds.map_batches(_select, fn_kwargs={"fracs": fracs, "seed": seed}, batch_format="numpy").take_all()
+    got.sort(key=lambda r: _unit_hash(str(r["row_id"]), seed))
+    out: dict = {split: [] for split in sizes}
+    taken: dict = {}
+    for r in got:
+        key = (r["split"], r["label"])
+        if taken.get(key, 0) < sizes[r["split"]]:
+            taken[key] = taken.get(key, 0) + 1
+            out[r["split"]].append(r)
+    return out
 
 
 def _embed(rows: list[dict], model_dir: str, cfg: Config) -> np.ndarray:
@@ -81,8 +85,8 @@ def fit_and_weigh(ds, cfg: Config, fs, udm_dir: str):
         return ds.map_batches(_add_unit_weight, batch_format="pyarrow"), {"enabled": False}
     counts = {(r["split"], bool(r["label"])): int(r["count()"])
               for r in ds.groupby(["split", "label"]).count().take_all()}
-    train = _sample(ds, counts, "train", uc.sample_size, seed)
-    held = _sample(ds, counts, "eval", uc.eval_sample_size, seed)
+    sample = _sample(ds, counts, {"train": uc.sample_size, "eval": uc.eval_sample_size}, seed)
+    train, held = sample["train"], sample["eval"]
     if min(sum(r["label"] for r in held), sum(not r["label"] for r in held)) < MIN_HELDOUT:
         # Too few eval prompts of a label for meaningful metrics: hold out a fifth of the sample.
         held = [r for r in train if _unit_hash(r["row_id"], seed + 1) < 0.2]
