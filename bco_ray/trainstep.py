@@ -106,7 +106,8 @@ def microbatch_loss(policy: nn.Module, mb: dict, obj: ObjectiveConfig, delta: fl
     if obj.loss == "kto":
         with torch.no_grad():
             kl_logps = policy(mb["kl_input_ids"], mb["kl_attention_mask"], mb["kl_completion_mask"])
-        kl = kto_kl_estimate(kl_logps, mb["kl_ref_logps"], group)
+        scored = mb["kl_completion_mask"].bool().any(-1)  # a dummy row scores nothing: not in z
+        kl = kto_kl_estimate(kl_logps[scored], mb["kl_ref_logps"][scored], group)
         loss, rewards = kto_loss(logps, mb["ref_logps"], label, kl, obj.beta, obj.kto_desirable_weight,
                                  obj.kto_undesirable_weight, reduction="sum")
         return loss, rewards, label
@@ -122,9 +123,17 @@ def microbatch_loss(policy: nn.Module, mb: dict, obj: ObjectiveConfig, delta: fl
     return loss, torch.cat([chosen, rejected]), torch.cat([label[c_idx], label[r_idx]])
 
 
-def _placeholder_backward(policy: nn.Module, device: torch.device) -> None:
-    ids = torch.zeros((1, 2), dtype=torch.long, device=device)
-    (policy(ids, torch.ones_like(ids), torch.zeros_like(ids)).sum() * 0.0).backward()
+def _dummy_batch(obj: ObjectiveConfig, device: torch.device) -> dict:
+    """A batch with the keys `obj.loss` needs: one row (a pair for DPO), nothing scored."""
+    n = 2 if obj.loss == "dpo" else 1
+    ids = torch.zeros((n, 2), dtype=torch.long, device=device)
+    mb = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "completion_mask": torch.zeros_like(ids),
+          "label": torch.arange(n, device=device) == 0 if n == 2 else torch.zeros(1, dtype=torch.bool, device=device),
+          "ref_logps": torch.zeros(n, device=device), "pair_id": torch.zeros(n, dtype=torch.long, device=device)}
+    if obj.loss == "kto":
+        mb.update(kl_input_ids=ids, kl_attention_mask=torch.ones_like(ids), kl_completion_mask=torch.zeros_like(ids),
+                  kl_ref_logps=torch.zeros(n, device=device))
+    return mb
 
 
 def train_step(policy: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: list[dict],
@@ -147,13 +156,16 @@ def train_step(policy: nn.Module, optimizer: torch.optim.Optimizer, micro_batche
         mb = {k: v.to(device, non_blocking=True) for k, v in mb.items()}
         with _grad_sync(policy, i == len(micro_batches) - 1):
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                if mb["label"].numel() == 0:
-                    # An empty shard still runs forward/backward, so that FSDP's gathers and
-                    # DDP's gradient all-reduce happen on every rank in lockstep.
-                    _placeholder_backward(policy, device)
-                    continue
+                # An empty shard runs the very same forwards, collectives and backward on a
+                # dummy batch with zero weight: FSDP's gathers, DDP's buffer broadcasts and
+                # gradient all-reduce, and KTO's KL all-reduce stay in lockstep across ranks.
+                empty = mb["label"].numel() == 0
+                if empty:
+                    mb = _dummy_batch(obj, device)
                 loss_sum, rewards, label = microbatch_loss(policy, mb, obj, delta, group)
-            (loss_sum * scale).backward()
+            (loss_sum * (0.0 if empty else scale)).backward()
+        if empty:
+            continue
         if obj.loss != "dpo":
             shift.update(rewards, label)
         r = rewards.double().cpu()

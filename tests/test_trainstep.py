@@ -149,3 +149,43 @@ def test_two_ddp_ranks_equal_one_process():
     for step in range(2):
         for key in ("loss", "rewards/chosen", "rewards/rejected", "reward_accuracy", "rows"):
             assert res[0]["metrics"][step][key] == pytest.approx(m_single[step][key], rel=1e-4, abs=1e-7)
+
+
+def _kto_worker(rank, world, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        policy = torch.nn.parallel.DistributedDataParallel(fresh_policy())
+        ex = examples()[:4] if rank == 1 else []  # rank 0's micro-batch is empty
+        batch = collate(ex, 0)
+        kl = collate(examples(seed=1)[:4] if rank == 1 else [], 0)
+        batch.update({"kl_input_ids": kl["input_ids"], "kl_attention_mask": kl["attention_mask"],
+                      "kl_completion_mask": kl["completion_mask"], "kl_ref_logps": kl["ref_logps"]})
+        m = train_step(policy, torch.optim.SGD(policy.parameters(), lr=0.1), [batch], RewardShift(),
+                       ObjectiveConfig(loss="kto"))
+        with open(os.path.join(out_dir, f"k{rank}.json"), "w") as f:
+            json.dump(m, f)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.dist
+def test_kto_with_an_empty_rank_does_not_hang():
+    with tempfile.TemporaryDirectory() as d:
+        ctx = mp.start_processes(_kto_worker, args=(2, os.path.join(d, "init"), d), nprocs=2, join=False,
+                                 start_method="spawn")
+        import time
+        deadline = time.time() + 120
+        while not ctx.join(timeout=5):
+            assert time.time() < deadline, "KTO step hung with an empty rank"
+        res = [json.load(open(os.path.join(d, f"k{r}.json"))) for r in range(2)]
+    assert res[0]["rows"] == res[1]["rows"] == 4.0
+    assert res[0]["loss"] == pytest.approx(res[1]["loss"])
+    # Equal to one process holding the 4 rows: the empty rank added nothing, not even to z.
+    policy = fresh_policy()
+    batch, kl = collate(examples()[:4], 0), collate(examples(seed=1)[:4], 0)
+    batch.update({"kl_input_ids": kl["input_ids"], "kl_attention_mask": kl["attention_mask"],
+                  "kl_completion_mask": kl["completion_mask"], "kl_ref_logps": kl["ref_logps"]})
+    single = train_step(policy, torch.optim.SGD(policy.parameters(), lr=0.1), [batch], RewardShift(),
+                        ObjectiveConfig(loss="kto"))
+    assert res[1]["loss"] == pytest.approx(single["loss"], rel=1e-5)
