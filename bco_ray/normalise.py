@@ -196,9 +196,9 @@ def _check_size(prompt: str, completion: str, cfg: IngestConfig) -> None:
         raise Reject("oversize")
 
 
-def _example(prompt, messages, completion, label, pair_id=None) -> dict:
+def _example(prompt, messages, completion, label) -> dict:
     return {"status": "ok", "reason": None, "raw": None, "prompt": prompt, "prompt_messages": messages,
-            "completion": completion, "label": label, "pair_id": pair_id,
+            "completion": completion, "label": label, "pair_id": None,
             "pair_key": pair_key(prompt, messages, completion)}
 
 
@@ -213,8 +213,7 @@ def normalise_row(row: dict, fmt: str | None, cfg: IngestConfig, vocab: LabelVoc
             chosen = _completion_text(row.get(cfg.chosen_column))
             rejected = _completion_text(row.get(cfg.rejected_column))
             _check_size(prompt, max(chosen, rejected, key=len), cfg)
-            return [_example(prompt, messages, chosen, True, "pair"),
-                    _example(prompt, messages, rejected, False, "pair")]
+            return [_example(prompt, messages, chosen, True), _example(prompt, messages, rejected, False)]
         if fmt == "conversational":
             msgs = _messages(row.get(cfg.messages_column))
             if msgs[-1]["role"] != "assistant" or len(msgs) < 2:
@@ -244,7 +243,7 @@ def normalise_table(table: pa.Table, source: str, file_id: str, row_group: int,
         examples = normalise_row(row, fmt, cfg, vocab)
         for j, ex in enumerate(examples):
             ex["row_id"] = base if len(examples) == 1 else f"{base}/{'cr'[j]}"
-            if ex["pair_id"] is not None:
+            if len(examples) == 2 and ex["status"] == "ok":  # the two halves of a paired row
                 ex["pair_id"] = base
             ex["source"], ex["day"] = source, day
             out.append(ex)

@@ -6,8 +6,8 @@ import tempfile
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
+from distributed import gloo_group
 
 from bco_ray.objectives import RewardShift, kto_kl_estimate
 
@@ -122,8 +122,7 @@ SHARDS = {
 
 
 def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, init_file):
         results = {}
         for mode in ("balanced", "pooled"):
             rs = RewardShift(mode)
@@ -137,8 +136,6 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         results["kto_kl"] = kto_kl_estimate(pol, torch.full_like(pol, -2.5)).item()
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(results, f)
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.dist

@@ -6,8 +6,8 @@ import tempfile
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
+from distributed import gloo_group
 
 from bco_ray.assets import load_causal_lm
 from bco_ray.config import ObjectiveConfig
@@ -115,8 +115,7 @@ RANK_ROWS = {0: (0, 3), 1: (3, 8)}
 
 
 def _ddp_worker(rank, world, init_file, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, init_file):
         torch.set_num_threads(1)
         policy = torch.nn.parallel.DistributedDataParallel(fresh_policy())
         opt = torch.optim.SGD(policy.parameters(), lr=1.0)
@@ -130,8 +129,6 @@ def _ddp_worker(rank, world, init_file, out_dir):
         torch.save({"params": params(policy.module)}, os.path.join(out_dir, f"p{rank}.pt"))
         with open(os.path.join(out_dir, f"m{rank}.json"), "w") as f:
             json.dump({"metrics": ms, "delta": shift.value}, f)
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.dist
@@ -152,8 +149,7 @@ def test_two_ddp_ranks_equal_one_process():
 
 
 def _kto_worker(rank, world, init_file, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, init_file):
         torch.set_num_threads(1)
         policy = torch.nn.parallel.DistributedDataParallel(fresh_policy())
         ex = examples()[:4] if rank == 1 else []  # rank 0's micro-batch is empty
@@ -165,8 +161,6 @@ def _kto_worker(rank, world, init_file, out_dir):
                        ObjectiveConfig(loss="kto"))
         with open(os.path.join(out_dir, f"k{rank}.json"), "w") as f:
             json.dump(m, f)
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.dist
