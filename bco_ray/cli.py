@@ -33,6 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("assets", parents=[parent], help="stage: materialise the bundled models into the cache")
     sub.add_parser("prepare", parents=[parent],
                    help="stage: feedback logs (local/S3 parquet) -> cleaned, tokenized, split, UDM-weighted data")
+    sub.add_parser("score-ref", parents=[parent],
+                   help="stage: reference model's log-prob of every prepared completion (vLLM or transformers)")
+    sub.add_parser("train", parents=[parent],
+                   help="stage: BCO (or KTO/DPO) on Ray Train from the scored data; exports the aligned model")
     cfg = sub.add_parser("config", help="print the resolved config, or the config reference")
     cfg_sub = cfg.add_subparsers(dest="action", required=True, metavar="ACTION")
     cfg_sub.add_parser("show", parents=[parent], help="print the resolved config as YAML")
@@ -72,6 +76,24 @@ def main(argv: list[str] | None = None) -> int:
         init_ray(cfg.ray)
         manifest = prepare(cfg)
         print(json.dumps({k: v for k, v in manifest.items() if k != "config"}, indent=1))
+        return 0
+    if args.command == "score-ref":
+        import json
+
+        from bco_ray.raycluster import init_ray
+        from bco_ray.refscore_stage import score_reference
+
+        init_ray(cfg.ray)
+        manifest = score_reference(cfg)
+        print(json.dumps({k: v for k, v in manifest.items() if k != "config"}, indent=1))
+        return 0
+    if args.command == "train":
+        from bco_ray.raycluster import init_ray
+        from bco_ray.train import train
+
+        init_ray(cfg.ray)
+        card = train(cfg)
+        print(f"[bco-ray] model: {card['model']} (run card: {card['model']}/run_card.json)")
         return 0
     if args.command == "align":
         from bco_ray.pipeline import align

@@ -134,6 +134,63 @@ class UDMConfig:
 
 
 @dataclass(frozen=True)
+class ScoreConfig:
+    """`bco-ray score-ref`: the frozen reference model's log-probs, once per row."""
+
+    backend: Literal["auto", "hf", "vllm"] = knob("auto", "'vllm' (engines as Ray Data actors), 'hf' (transformers forward), or 'auto': vLLM when it is installed and the cluster has GPUs, else hf.")
+    input: str | None = knob(None, "Prepared dataset (the directory holding data/); null is ingest.output or <run_dir>/prepared.")
+    output: str | None = knob(None, "Scored dataset directory (local or s3://); null is <run_dir>/scored.")
+    force: bool = knob(False, "Score again even when the output already holds this input scored by this model and dtype.")
+    max_model_len: int | None = knob(None, "Longest sequence the reference scores; longer rows are quarantined (too_long_for_reference). null: the model's max_position_embeddings.")
+    kl_pairs: bool | None = knob(None, "Also score a mismatched (prompt, other row's completion) per row, which KTO's KL estimate needs; null: only when objective.loss is kto.")
+    actors: int = knob(1, "Scoring actors (one model each); on GPUs, one per GPU.")
+    num_gpus_per_actor: float | None = knob(None, "GPUs per actor; null: 1 when the cluster has GPUs, else 0.")
+    num_cpus_per_actor: float = knob(0.5, "CPUs per actor (fractional on small machines, or Ray Data's readers starve).")
+    batch_rows: int = knob(256, "Rows per Ray Data batch handed to an actor; the hf backend sorts them by length inside.")
+    batch_tokens: int = knob(16384, "hf: padded tokens per forward pass (rows x longest row), the memory knob.")
+    vllm_gpu_memory_utilization: float = knob(0.85, "vllm: share of GPU memory for weights + KV cache.")
+    vllm_enforce_eager: bool = knob(False, "vllm: skip CUDA graphs / torch.compile (faster start, slower scoring); tests use eager.")
+    vllm_cpu_kvcache_gib: int = knob(1, "vllm on CPU builds: KV cache GiB (VLLM_CPU_KVCACHE_SPACE); vLLM otherwise asks for most of the RAM.")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """`bco-ray train`: Ray Train workers, sharding, optimisation, checkpoints, export."""
+
+    input: str | None = knob(None, "Scored dataset (the directory holding data/); null is score.output or <run_dir>/scored.")
+    num_workers: int = knob(2, "Training workers (one per GPU on a GPU cluster).")
+    use_gpu: bool | None = knob(None, "Train on GPUs; null: when the cluster has any.")
+    cpus_per_worker: float = knob(0.5, "CPUs per worker (fractional on small machines, or Ray Data's readers starve).")
+    strategy: Literal["fsdp", "ddp"] = knob("fsdp", "FSDP2 (fully_shard per decoder layer, then the model; also on CPU/gloo) or DDP.")
+    micro_batch_size: int = knob(4, "Rows (DPO: pairs) per worker per forward pass.")
+    grad_accum: int = knob(2, "Micro-batches per optimizer step; global batch = micro_batch_size x grad_accum x num_workers.")
+    epochs: float = knob(1.0, "Passes over the train split (fractions allowed); ignored when max_steps is set.")
+    max_steps: int | None = knob(None, "Optimizer steps to run; null derives them from epochs.")
+    lr: float = knob(5e-6, "Peak learning rate of AdamW.")
+    weight_decay: float = knob(0.0, "AdamW weight decay.")
+    adam_betas: tuple[float, ...] = knob((0.9, 0.999), "AdamW betas.")
+    warmup_ratio: float = knob(0.1, "Share of the steps spent warming the learning rate up linearly from 0.")
+    schedule: Literal["cosine", "linear", "constant"] = knob("cosine", "Learning-rate decay after warm-up (to 0 at the last step).")
+    max_grad_norm: float = knob(1.0, "Gradient clipping (global L2 norm); 0 disables.")
+    mixed_precision: Literal["auto", "bf16", "no"] = knob("auto", "bf16 compute with fp32 master weights; 'auto' is bf16 on GPUs, fp32 on CPUs.")
+    gradient_checkpointing: bool = knob(False, "Recompute decoder activations in backward: less memory, ~30 % more compute.")
+    compile: bool = knob(False, "torch.compile the decoder and the log-prob kernel (GPUs).")
+    shuffle_buffer: int = knob(1024, "Units (rows, DPO pairs) in the seeded shuffle buffer re-mixing each epoch after the global shuffle.")
+    interleave_labels: bool = knob(False, "Alternate thumbs-up and thumbs-down rows in every global batch (BCO/KTO) so each has both labels.")
+    log_every: int = knob(1, "Steps between metric lines (console, MLflow).")
+    eval_every: int = knob(0, "Steps between eval passes on the eval split (delta read, never updated); 0: only at the end.")
+    checkpoint_every: int = knob(50, "Steps between checkpoints (and always at the end).")
+    keep_checkpoints: int = knob(2, "Checkpoints kept (the newest).")
+    max_failures: int = knob(1, "Worker failures survived by restarting from the last checkpoint.")
+    storage: str | None = knob(None, "Where Ray Train keeps checkpoints (local or s3://); null is <run_dir>/train.")
+    name: str = knob("bco", "Run name under storage; rerunning with the same name resumes from its last checkpoint.")
+    export: str | None = knob(None, "Where the aligned model goes, HF format (local or s3://); null is <run_dir>/model.")
+    export_which: Literal["final", "best"] = knob("final", "Export the last weights or the checkpoint with the best eval loss.")
+    tracking_uri: str | None = knob(None, "MLflow tracking URI; null is a file store under <run_dir>/mlruns; 'none' disables MLflow.")
+    peak_tflops: float | None = knob(None, "Peak dense TFLOP/s per worker for MFU; null: 989 on H100/H200 in bf16, else MFU is not shown.")
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole pipeline's configuration: one section per stage."""
 
@@ -143,7 +200,9 @@ class Config:
     storage: StorageConfig = field(default_factory=StorageConfig, metadata={"help": "S3 endpoint and credentials."})
     ingest: IngestConfig = field(default_factory=IngestConfig, metadata={"help": "Reading, cleaning and tokenizing feedback logs."})
     udm: UDMConfig = field(default_factory=UDMConfig, metadata={"help": "Density-ratio weights for thumbs-down rows."})
+    score: ScoreConfig = field(default_factory=ScoreConfig, metadata={"help": "Reference log-probs."})
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig, metadata={"help": "Loss and reward shift."})
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "Ray Train: workers, optimisation, checkpoints, export."})
 
 
 # ---------------------------------------------------------------------------- coercion
@@ -186,6 +245,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     elif tp is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -267,6 +331,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         data = loaded or {}
     if overrides:
         data = _deep_merge(data, parse_overrides(overrides))
+    return _build(cls, data, "")
+
+
+def from_dict(data: dict, cls=Config):
+    """The inverse of `to_dict` (used to ship a config to Ray workers as plain data)."""
     return _build(cls, data, "")
 
 

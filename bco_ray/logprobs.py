@@ -132,14 +132,18 @@ class _TokenLogpsFromHidden(torch.autograd.Function):
 
 
 def _sum_per_sequence(token_logps: torch.Tensor, row_of: torch.Tensor, batch: int) -> torch.Tensor:
-    return torch.zeros(batch, dtype=torch.float32, device=token_logps.device).index_add(0, row_of, token_logps)
+    # float64: a 1,000-token sum of about -1e3 keeps ~1e-9 instead of fp32's ~1e-4, which is
+    # what lets reference (vLLM, hf) and policy sums agree to 1e-4; it costs B numbers.
+    return torch.zeros(batch, dtype=torch.float64, device=token_logps.device).index_add(
+        0, row_of, token_logps.double())
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor,
                    chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
     """Summed log-prob of `labels` under `logits` over the positions where `loss_mask` is set.
 
-    logits: (B, T, V), any float dtype; labels, loss_mask: (B, T). Returns (B,) fp32.
+    logits: (B, T, V), any float dtype; labels, loss_mask: (B, T). Returns (B,) float64
+    (token log-probs are fp32; their sums accumulate in float64).
     Peak extra memory is one (chunk_size, V) fp32 block, not (B, T, V).
     """
     if logits.dim() != 3:

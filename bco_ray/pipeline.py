@@ -43,7 +43,25 @@ def stage_prepare(cfg: Config, run_dir: Path) -> dict:
     return {**{k: m[k] for k in keys}, "udm": m["udm"]}
 
 
-STAGES = [("assets", stage_assets), ("prepare", stage_prepare)]
+def stage_score_ref(cfg: Config, run_dir: Path) -> dict:
+    from bco_ray.refscore_stage import score_reference
+
+    m = score_reference(cfg)
+    keys = ("backend", "reference", "dtype", "rows_in", "scored", "quarantined", "completion_tokens",
+            "completion_tokens_per_s", "mean_logp_per_token")
+    return {**{k: m[k] for k in keys}, "skipped": m.get("skipped", False)}
+
+
+def stage_train(cfg: Config, run_dir: Path) -> dict:
+    from bco_ray.train import train
+
+    card = train(cfg)
+    return {"model": card["model"], "steps": card["steps"], "final_metrics": card["final_metrics"],
+            "final_eval": card["final_eval"]}
+
+
+STAGES = [("assets", stage_assets), ("prepare", stage_prepare), ("score-ref", stage_score_ref),
+          ("train", stage_train)]
 
 
 def align(cfg: Config) -> dict:

@@ -53,24 +53,38 @@ class PolicyLogps(nn.Module):
                                 self.chunk_size, self.fused_head, self.compiled_head)
 
 
+def _pad(seqs: list, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    length = max((len(x) for x in seqs), default=0)
+    out = torch.full((len(seqs), length), pad, dtype=torch.long)
+    attn = torch.zeros((len(seqs), length), dtype=torch.long)
+    for i, x in enumerate(seqs):
+        out[i, :len(x)] = torch.as_tensor(x, dtype=torch.long)
+        attn[i, :len(x)] = 1
+    return out, attn
+
+
 def collate(examples: list[dict], pad_token_id: int) -> dict:
     """Right-padded tensors from examples with `input_ids` and `completion_mask` lists and
-    scalar `label`, `ref_logps` (and optional `weight`, `pair_id`)."""
-    length = max((len(e["input_ids"]) for e in examples), default=0)
-    ids = torch.full((len(examples), length), pad_token_id, dtype=torch.long)
-    attn = torch.zeros((len(examples), length), dtype=torch.long)
-    comp = torch.zeros((len(examples), length), dtype=torch.long)
-    for i, e in enumerate(examples):
-        n = len(e["input_ids"])
-        ids[i, :n] = torch.as_tensor(e["input_ids"])
-        attn[i, :n] = 1
-        comp[i, :n] = torch.as_tensor(e["completion_mask"])
+    scalar `label`, `ref_logps`; optional `weight`, `pair_id` (any id; None: unpaired) and
+    KTO's `kl_input_ids`, `kl_completion_mask`, `kl_ref_logps`."""
+    ids, attn = _pad([e["input_ids"] for e in examples], pad_token_id)
+    comp, _ = _pad([e["completion_mask"] for e in examples], 0)
     out = {"input_ids": ids, "attention_mask": attn, "completion_mask": comp,
-           "label": torch.tensor([bool(e["label"]) for e in examples]),
-           "ref_logps": torch.tensor([float(e["ref_logps"]) for e in examples])}
-    for key, dtype in (("weight", torch.float32), ("pair_id", torch.long)):
-        if examples and key in examples[0]:
-            out[key] = torch.tensor([e[key] for e in examples], dtype=dtype)
+           "label": torch.tensor([bool(e["label"]) for e in examples], dtype=torch.bool),
+           "ref_logps": torch.tensor([float(e["ref_logps"]) for e in examples], dtype=torch.float64)}
+    first = examples[0] if examples else {}
+    if "weight" in first:
+        out["weight"] = torch.tensor([float(e["weight"]) for e in examples], dtype=torch.float32)
+    if "pair_id" in first:
+        # Only equality matters inside a micro-batch: any hashable id (prepared data uses
+        # strings) becomes a small integer.
+        codes: dict = {}
+        out["pair_id"] = torch.tensor([-1 if e["pair_id"] is None else codes.setdefault(e["pair_id"], len(codes))
+                                       for e in examples], dtype=torch.long)
+    if "kl_input_ids" in first:
+        out["kl_input_ids"], out["kl_attention_mask"] = _pad([e["kl_input_ids"] for e in examples], pad_token_id)
+        out["kl_completion_mask"], _ = _pad([e["kl_completion_mask"] for e in examples], 0)
+        out["kl_ref_logps"] = torch.tensor([float(e["kl_ref_logps"]) for e in examples], dtype=torch.float64)
     return out
 
 
@@ -189,4 +203,35 @@ def train_step(policy: nn.Module, optimizer: torch.optim.Optimizer, micro_batche
         "delta": delta, "reward_accuracy": correct / max(global_rows, 1.0),
         "grad_norm": float(grad_norm), "rows": global_rows, "tokens": tokens,
         "lr": optimizer.param_groups[0]["lr"],
+        # mean log(pi / pi_ref) over the batch's completions: how far the policy moved on
+        # the feedback data (a KL proxy; the true KL needs samples from the policy)
+        "logratio": (s_up + s_dn) / max(n_up + n_dn, 1) / obj.beta,
     }
+
+
+@torch.no_grad()
+def evaluate(policy: nn.Module, micro_batches: list[dict], shift: RewardShift, obj: ObjectiveConfig,
+             autocast_dtype: torch.dtype | None = None, group=None) -> dict:
+    """Loss, rewards and reward accuracy on held-out micro-batches; delta is read, never updated.
+
+    Every rank passes the same number of micro-batches (empty ones run a dummy batch)."""
+    delta = 0.0 if obj.delta_mode == "zero" else shift.value
+    device = next(policy.parameters()).device
+    acc = torch.zeros(7, dtype=torch.float64)  # [loss, n_up, s_up, n_down, s_down, correct, rows]
+    for mb in micro_batches:
+        mb = {k: v.to(device) for k, v in mb.items()}
+        empty = mb["label"].numel() == 0
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            loss_sum, rewards, label = microbatch_loss(policy, _dummy_batch(obj, device) if empty else mb,
+                                                       obj, delta, group)
+        if empty:
+            continue
+        r, up = rewards.double().cpu(), label.cpu()
+        correct = ((r - delta > 0) == up).sum() if obj.loss != "dpo" else (r[up] > r[~up]).sum()
+        acc += torch.stack([loss_sum.double().cpu(), up.sum().double(), r[up].sum(), (~up).sum().double(),
+                            r[~up].sum(), correct.double(), torch.tensor(float(_rows(mb, obj.loss)))])
+    loss, n_up, s_up, n_dn, s_dn, correct, rows = _all_reduce_sum(acc, group).tolist()
+    chosen, rejected = s_up / max(n_up, 1), s_dn / max(n_dn, 1)
+    return {"eval/loss": loss / max(rows, 1), "eval/rewards/chosen": chosen, "eval/rewards/rejected": rejected,
+            "eval/rewards/margin": chosen - rejected, "eval/reward_accuracy": correct / max(rows, 1),
+            "eval/logratio": (s_up + s_dn) / max(n_up + n_dn, 1) / obj.beta, "eval/rows": rows, "eval/delta": delta}

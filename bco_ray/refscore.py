@@ -1,0 +1,189 @@
+"""Reference log-probs: the frozen reference model scores every completion once.
+
+Two backends compute the same number, the summed log-prob of a row's completion tokens
+(`completion_mask`) given everything before them:
+
+- `HFScorer`: a transformers forward through `completion_logps`, the very function the
+  policy uses in training (so at step 0 policy and reference agree to rounding), on
+  length-sorted sub-batches under a padded-token budget.
+- `VLLMScorer`: a vLLM engine asked for prompt log-probs of the exact token ids
+  (`TokensPrompt`, `prompt_logprobs=0`, one dummy output token).
+
+Both are Ray Data callable classes (one model per actor) and both reduce to the pure
+functions `score_hf` / `sum_prompt_logprobs`, which run without Ray.
+The Ray plumbing (reading, quarantine, manifest, skip-if-done) is in `refscore_stage.py`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pyarrow as pa
+
+TOO_LONG = "too_long_for_reference"
+
+
+# ---------------------------------------------------------------------------- token lists
+
+def _lists(column: pa.ChunkedArray | pa.Array) -> list[np.ndarray]:
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    values = arr.values.to_numpy(zero_copy_only=False)
+    offsets = arr.offsets.to_numpy()
+    return [values[offsets[i]:offsets[i + 1]] for i in range(len(arr))]
+
+
+def mismatched_pairs(ids: list[np.ndarray], prompt_tokens: np.ndarray, max_length: int
+                     ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """KTO's KL rows: row i's prompt with row (i+1) mod n's completion, cut to max_length.
+
+    A deterministic partner keeps reruns identical; with n == 1 the row is paired with
+    itself (an unbiased but useless estimate, as in TRL)."""
+    n = len(ids)
+    out_ids, out_mask = [], []
+    for i in range(n):
+        j = (i + 1) % n
+        prompt, completion = ids[i][:prompt_tokens[i]], ids[j][prompt_tokens[j]:]
+        completion = completion[: max(1, max_length - len(prompt))]
+        out_ids.append(np.concatenate([prompt, completion]).astype(np.int32))
+        out_mask.append(np.concatenate([np.zeros(len(prompt), np.int8), np.ones(len(completion), np.int8)]))
+    return out_ids, out_mask
+
+
+def length_buckets(lengths: np.ndarray, batch_tokens: int) -> list[np.ndarray]:
+    """Indices grouped, longest first, so that rows x longest row <= batch_tokens (>= 1 row)."""
+    order = np.argsort(-lengths, kind="stable")
+    groups, start = [], 0
+    while start < len(order):
+        longest = int(lengths[order[start]])
+        take = max(1, batch_tokens // max(longest, 1))
+        groups.append(order[start:start + take])
+        start += take
+    return groups
+
+
+# ---------------------------------------------------------------------------- hf
+
+def score_hf(model, ids: list[np.ndarray], masks: list[np.ndarray], batch_tokens: int,
+             pad_token_id: int, chunk_size: int = 1024) -> np.ndarray:
+    """Summed completion log-probs (float64) of each row under `model`, no gradients."""
+    import torch
+
+    from bco_ray.logprobs import completion_logps
+
+    device = next(model.parameters()).device
+    out = np.zeros(len(ids), np.float64)
+    lengths = np.array([len(x) for x in ids])
+    with torch.inference_mode():
+        for group in length_buckets(lengths, batch_tokens):
+            t = int(lengths[group].max())
+            input_ids = torch.full((len(group), t), pad_token_id, dtype=torch.long)
+            attn = torch.zeros((len(group), t), dtype=torch.long)
+            comp = torch.zeros((len(group), t), dtype=torch.long)
+            for r, i in enumerate(group):
+                n = len(ids[i])
+                input_ids[r, :n] = torch.from_numpy(ids[i].astype(np.int64))
+                attn[r, :n] = 1
+                comp[r, :n] = torch.from_numpy(masks[i].astype(np.int64))
+            logps = completion_logps(model, input_ids.to(device), attn.to(device), comp.to(device), chunk_size)
+            out[group] = logps.double().cpu().numpy()
+    return out
+
+
+def _with_scores(table: pa.Table, score, kl: bool, max_length: int) -> pa.Table:
+    """`table` plus ref_logps / ref_tokens (and the KL columns), scored by `score(ids, masks)`."""
+    ids, masks = _lists(table.column("input_ids")), _lists(table.column("completion_mask"))
+    batch_ids, batch_masks = list(ids), list(masks)
+    if kl:
+        kl_ids, kl_masks = mismatched_pairs(ids, table.column("prompt_tokens").to_numpy(), max_length)
+        batch_ids += kl_ids
+        batch_masks += kl_masks
+    logps = score(batch_ids, batch_masks)
+    if not np.isfinite(logps).all():
+        bad = table.column("row_id")[int(np.flatnonzero(~np.isfinite(logps))[0]) % len(ids)]
+        raise FloatingPointError(f"the reference model gave a non-finite log-prob (row_id {bad}): "
+                                 "check its weights and dtype")
+    n = len(ids)
+    table = table.append_column("ref_logps", pa.array(logps[:n], pa.float64()))
+    table = table.append_column("ref_tokens", pa.array([int(m[1:].sum()) for m in masks], pa.int32()))
+    if kl:
+        table = table.append_column("kl_input_ids", pa.array(kl_ids, pa.list_(pa.int32())))
+        table = table.append_column("kl_completion_mask", pa.array(kl_masks, pa.list_(pa.int8())))
+        table = table.append_column("kl_ref_logps", pa.array(logps[n:], pa.float64()))
+    return table
+
+
+class HFScorer:
+    """Ray Data actor: a transformers reference model (safetensors only)."""
+
+    def __init__(self, model: str, dtype: str, cache_dir: str | None, batch_tokens: int, chunk_size: int,
+                 kl: bool, max_length: int, trust_remote_code: bool = False, num_threads: int = 1):
+        import torch
+
+        from bco_ray.assets import load_causal_lm
+
+        torch.set_num_threads(max(1, num_threads))  # one actor per core; oversubscription is slower
+        self.model, tok = load_causal_lm(model, dtype, cache_dir, trust_remote_code)
+        self.model.eval().to("cuda" if torch.cuda.is_available() else "cpu")
+        self.pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.batch_tokens, self.chunk_size, self.kl, self.max_length = batch_tokens, chunk_size, kl, max_length
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        return _with_scores(table, lambda i, m: score_hf(self.model, i, m, self.batch_tokens, self.pad,
+                                                         self.chunk_size), self.kl, self.max_length)
+
+
+# ---------------------------------------------------------------------------- vllm
+
+def sum_prompt_logprobs(prompt_logprobs: list, ids: np.ndarray, mask: np.ndarray) -> float:
+    """Sum of vLLM's prompt log-probs at the masked positions. Entry t holds the log-prob
+    of token t given tokens < t (entry 0 is None); it is keyed by the actual token id."""
+    total = 0.0
+    for t in np.flatnonzero(mask):
+        if t == 0:
+            continue  # nothing predicts the first token; completion_logps skips it too
+        total += prompt_logprobs[t][int(ids[t])].logprob
+    return total
+
+
+def vllm_cpu_environment(kvcache_gib: int) -> dict[str, str]:
+    """What vLLM's CPU build needs (measured; see docs/reference-scoring.md)."""
+    return {"VLLM_CPU_KVCACHE_SPACE": str(kvcache_gib), "VLLM_HOST_IP": "127.0.0.1",
+            # The engine core in this process: no extra process per actor, nothing to reap.
+            "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+
+
+class VLLMScorer:
+    """Ray Data actor: a vLLM engine on exact token ids."""
+
+    def __init__(self, model: str, dtype: str, cache_dir: str | None, max_model_len: int, kl: bool,
+                 max_length: int, gpu_memory_utilization: float = 0.85, enforce_eager: bool = False,
+                 cpu_kvcache_gib: int = 1, trust_remote_code: bool = False, seed: int = 0):
+        import torch
+
+        from bco_ray.assets import resolve_model
+
+        if not torch.cuda.is_available():
+            for k, v in vllm_cpu_environment(cpu_kvcache_gib).items():
+                os.environ.setdefault(k, v)
+        from vllm import LLM, SamplingParams
+
+        path = str(resolve_model(model, cache_dir))
+        self.llm = LLM(model=path, tokenizer=path, dtype=dtype, max_model_len=max_model_len, seed=seed,
+                       enforce_eager=enforce_eager, gpu_memory_utilization=gpu_memory_utilization,
+                       trust_remote_code=trust_remote_code,
+                       # a cached prefix has no prompt log-probs to return
+                       enable_prefix_caching=False)
+        self.params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
+        self.kl, self.max_length = kl, max_length
+
+    def score(self, ids: list[np.ndarray], masks: list[np.ndarray]) -> np.ndarray:
+        from vllm.inputs import TokensPrompt
+
+        prompts = [TokensPrompt(prompt_token_ids=x.tolist()) for x in ids]
+        outs = self.llm.generate(prompts, self.params, use_tqdm=False)
+        return np.array([sum_prompt_logprobs(o.prompt_logprobs, x, m) for o, x, m in zip(outs, ids, masks, strict=True)],
+                        np.float64)
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        return _with_scores(table, self.score, self.kl, self.max_length)

@@ -1,0 +1,171 @@
+"""`bco-ray score-ref`: the prepared dataset in, the same rows plus `ref_logps` out.
+
+    <output>/data/         prepared rows + ref_logps, ref_tokens (+ kl_* for KTO)
+    <output>/quarantine/   rows longer than the reference accepts (reason too_long_for_reference)
+    <output>/manifest.json counts (input = scored + quarantined), backend, model, key, timing
+
+Scoring is expensive, so a rerun whose key (input files, reference weights, dtype, length
+limit, KL pairs) matches the manifest already written does nothing unless `score.force`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from bco_ray import storage
+from bco_ray.config import Config, to_dict
+from bco_ray.refscore import TOO_LONG, HFScorer, VLLMScorer
+
+
+def _cluster_gpus() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0.0))
+
+
+def choose_backend(requested: str, gpus: float) -> str:
+    """'auto' -> vllm when it is importable and there are GPUs, else hf."""
+    if requested != "auto":
+        return requested
+    import importlib.util
+
+    return "vllm" if gpus > 0 and importlib.util.find_spec("vllm") is not None else "hf"
+
+
+def _model_fingerprint(path) -> dict:
+    """Identity of a model directory without reading all of it: config + weight files'
+    sizes and the sha256 of their first and last MiB."""
+    from pathlib import Path
+
+    path = Path(path)
+    h = hashlib.sha256((path / "config.json").read_bytes())
+    for f in sorted(path.glob("*.safetensors")):
+        size = f.stat().st_size
+        with f.open("rb") as fh:
+            h.update(f"{f.name}:{size}".encode())
+            h.update(fh.read(1 << 20))
+            fh.seek(max(0, size - (1 << 20)))
+            h.update(fh.read(1 << 20))
+    return {"sha256": h.hexdigest()[:32]}
+
+
+def _input_fingerprint(fs, data_dir: str) -> str:
+    files = storage.list_parquet(fs, data_dir)
+    infos = fs.get_file_info(files)
+    return hashlib.sha256(json.dumps([(f[len(data_dir):], i.size) for f, i in zip(files, infos, strict=True)]
+                                     ).encode()).hexdigest()[:32]
+
+
+def _too_long(table: pa.Table, limit: int) -> pa.Array:
+    return pc.greater(pc.list_value_length(table.column("input_ids")), limit)
+
+
+def _keep(table: pa.Table, limit: int) -> pa.Table:
+    return table.filter(pc.invert(_too_long(table, limit)))
+
+
+def _quarantine(table: pa.Table, limit: int) -> pa.Table:
+    long = table.filter(_too_long(table, limit))
+    raw = [json.dumps({"prompt": p, "completion": c, "label": bool(lab), "tokens": n}, ensure_ascii=False)
+           for p, c, lab, n in zip(long.column("prompt").to_pylist(), long.column("completion").to_pylist(),
+                                   long.column("label").to_pylist(),
+                                   pc.list_value_length(long.column("input_ids")).to_pylist(), strict=True)]
+    return pa.table({"row_id": long.column("row_id"), "source": long.column("source"), "day": long.column("day"),
+                     "reason": pa.array([TOO_LONG] * long.num_rows, pa.string()), "raw": pa.array(raw, pa.string())})
+
+
+def score_reference(cfg: Config) -> dict:
+    """Score every prepared row once; returns the manifest (written beside the data)."""
+    import ray
+
+    from bco_ray.assets import resolve_model
+
+    t0 = time.time()
+    sc, cpus = cfg.score, cfg.ingest.num_cpus_per_task
+    src = sc.input or cfg.ingest.output or storage.join(cfg.run.run_dir, "prepared")
+    in_fs, in_dir = storage.filesystem(src, cfg.storage)
+    out_fs, out = storage.filesystem(sc.output or storage.join(cfg.run.run_dir, "scored"), cfg.storage)
+    data_dir = storage.join(in_dir, "data")
+    if not storage.exists(in_fs, data_dir):
+        raise FileNotFoundError(f"no prepared data at {src}/data: run `bco-ray prepare` first")
+
+    ref_name = cfg.model.reference or cfg.model.policy
+    ref_path = resolve_model(ref_name, cfg.model.cache_dir)
+    model_cfg = json.loads((ref_path / "config.json").read_text())
+    limit = sc.max_model_len or int(model_cfg.get("max_position_embeddings") or 2048)
+    gpus = _cluster_gpus()
+    backend = choose_backend(sc.backend, gpus)
+    dtype = cfg.model.dtype if cfg.model.dtype != "auto" else ("bfloat16" if gpus > 0 else "float32")
+    kl = sc.kl_pairs if sc.kl_pairs is not None else cfg.objective.loss == "kto"
+    # vLLM must emit one token after the prompt, so a row may use limit - 1 positions.
+    max_tokens = limit - 1
+    key_fields = {"input": _input_fingerprint(in_fs, data_dir), "reference": _model_fingerprint(ref_path),
+                  "dtype": dtype, "max_tokens": max_tokens, "kl_pairs": kl}
+    key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:32]
+    manifest_path = storage.join(out, "manifest.json")
+    if not sc.force and storage.exists(out_fs, manifest_path):
+        previous = json.loads(storage.read_bytes(out_fs, manifest_path))
+        if previous.get("key") == key:
+            print(f"[score-ref] {out} already holds this input scored by this reference: skipped "
+                  "(score.force=true scores again)", flush=True)
+            return {**previous, "skipped": True}
+    for sub in ("data", "quarantine", "manifest.json"):
+        p = storage.join(out, sub)
+        if storage.exists(out_fs, p):
+            out_fs.delete_dir(p) if sub != "manifest.json" else out_fs.delete_file(p)
+
+    remote = {"num_cpus": cpus}
+    ds = ray.data.read_parquet(data_dir, filesystem=in_fs, num_cpus=cpus)
+    rows_in = ds.count()
+    q = ds.map_batches(_quarantine, fn_kwargs={"limit": max_tokens}, batch_format="pyarrow", **remote)
+    q.write_parquet(storage.join(out, "quarantine"), filesystem=out_fs, ray_remote_args=remote)
+
+    gpu_per_actor = sc.num_gpus_per_actor if sc.num_gpus_per_actor is not None else (1.0 if gpus > 0 else 0.0)
+    max_length = min(cfg.ingest.max_length, max_tokens)
+    if backend == "hf":
+        cls, args = HFScorer, dict(model=ref_name, dtype=dtype, cache_dir=cfg.model.cache_dir,
+                                   batch_tokens=sc.batch_tokens, chunk_size=cfg.objective.logp_chunk_size,
+                                   kl=kl, max_length=max_length, trust_remote_code=cfg.model.trust_remote_code,
+                                   num_threads=max(1, int(sc.num_cpus_per_actor)))
+    else:
+        cls, args = VLLMScorer, dict(model=ref_name, dtype=dtype, cache_dir=cfg.model.cache_dir,
+                                     max_model_len=limit, kl=kl, max_length=max_length,
+                                     gpu_memory_utilization=sc.vllm_gpu_memory_utilization,
+                                     enforce_eager=sc.vllm_enforce_eager, cpu_kvcache_gib=sc.vllm_cpu_kvcache_gib,
+                                     trust_remote_code=cfg.model.trust_remote_code, seed=cfg.run.seed)
+    scored = ds.map_batches(_keep, fn_kwargs={"limit": max_tokens}, batch_format="pyarrow", **remote)
+    scored = scored.map_batches(cls, fn_constructor_kwargs=args, batch_format="pyarrow", batch_size=sc.batch_rows,
+                                compute=ray.data.ActorPoolStrategy(size=sc.actors),
+                                num_cpus=sc.num_cpus_per_actor, num_gpus=gpu_per_actor)
+    scored.write_parquet(storage.join(out, "data"), filesystem=out_fs, ray_remote_args=remote)
+    seconds = time.time() - t0
+
+    from bco_ray.ingest import count_rows
+
+    n_scored = count_rows(out_fs, storage.join(out, "data"))
+    n_quarantined = count_rows(out_fs, storage.join(out, "quarantine"))
+    if n_scored + n_quarantined != rows_in:
+        raise RuntimeError(f"row accounting broken: input {rows_in} != scored {n_scored} + quarantined {n_quarantined}")
+    tokens, logp_sum = 0, 0.0
+    if n_scored:  # one aggregation pass
+        from ray.data.aggregate import Sum
+
+        agg = ray.data.read_parquet(storage.join(out, "data"), filesystem=out_fs, num_cpus=cpus) \
+            .select_columns(["ref_logps", "ref_tokens"]).aggregate(Sum("ref_tokens"), Sum("ref_logps"))
+        tokens, logp_sum = int(agg["sum(ref_tokens)"]), float(agg["sum(ref_logps)"])
+    manifest = {
+        "input": src, "output": sc.output or storage.join(cfg.run.run_dir, "scored"), "key": key,
+        "key_fields": key_fields, "backend": backend, "reference": ref_name, "dtype": dtype,
+        "max_model_len": limit, "kl_pairs": kl, "rows_in": rows_in, "scored": n_scored,
+        "quarantined": n_quarantined, "quarantine_reasons": {TOO_LONG: n_quarantined} if n_quarantined else {},
+        "completion_tokens": tokens, "mean_logp_per_token": logp_sum / max(tokens, 1),
+        "seconds": round(seconds, 1), "completion_tokens_per_s": round(tokens / max(seconds, 1e-9), 1),
+        "config": to_dict(cfg),
+    }
+    storage.write_bytes(out_fs, manifest_path, json.dumps(manifest, indent=2).encode())
+    return manifest

@@ -1,0 +1,170 @@
+"""`bco-ray train`: the scored dataset in, the aligned model (HF format) and a run card out.
+
+The driver counts the data, fixes one global shuffled order (a sort on a seeded hash of
+the row id, or of the pair id so DPO pairs stay adjacent), and starts a `TorchTrainer`
+whose workers run `bco_ray.train_loop.worker_loop`. Every worker streams the same order
+and keeps its own slice of each global batch (`bco_ray.batching`): the order is identical
+for any number of workers and on resume, which is what makes both exact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+
+from bco_ray import storage
+from bco_ray.config import Config, to_dict
+
+TRAIN_COLUMNS = ["row_id", "label", "input_ids", "completion_mask", "ref_logps", "weight", "pair_id"]
+KL_COLUMNS = ["kl_input_ids", "kl_completion_mask", "kl_ref_logps"]
+
+
+def _order_key(table: pa.Table, seed: int) -> pa.Array:
+    keys = [p if p is not None else r for p, r in zip(table.column("pair_id").to_pylist(),
+                                                        table.column("row_id").to_pylist(), strict=True)]
+    return pa.array([int.from_bytes(hashlib.blake2b(f"{seed}:{k}".encode(), digest_size=8).digest(), "big") >> 1
+                     for k in keys], pa.int64())
+
+
+def _split(table: pa.Table, split: str, columns: list[str], seed: int) -> pa.Table:
+    table = table.filter(pc.equal(table.column("split"), split)).select(columns)
+    return table.append_column("_order", _order_key(table, seed))
+
+
+def count_units(meta: pa.Table, loss: str) -> dict:
+    """Rows per split and label, and the units (DPO: complete pairs) training will see."""
+    out = {}
+    for split in ("train", "eval"):
+        t = meta.filter(pc.equal(meta.column("split"), split))
+        labels = t.column("label").to_numpy(zero_copy_only=False)
+        n = {"rows": t.num_rows, "up": int(labels.sum()), "down": int((~labels).sum())}
+        if loss == "dpo":
+            pairs: dict = {}
+            for pid, lab in zip(t.column("pair_id").to_pylist(), labels.tolist(), strict=True):
+                if pid is not None:
+                    pairs.setdefault(pid, []).append(lab)
+            n["units"] = sum(1 for v in pairs.values() if sorted(v) == [False, True])
+        else:
+            n["units"] = t.num_rows
+        out[split] = n
+    return out
+
+
+def plan(cfg: Config, counts: dict) -> dict:
+    tc = cfg.train
+    g = tc.micro_batch_size * tc.grad_accum * tc.num_workers
+    spe = counts["train"]["units"] // g
+    if spe == 0:
+        raise ValueError(f"the train split has {counts['train']['units']} units (rows; DPO: pairs), fewer than one "
+                         f"global batch of {g} (micro_batch_size x grad_accum x num_workers): lower one of them")
+    total = tc.max_steps or max(1, math.ceil(tc.epochs * spe))
+    return {"global_batch_units": g, "steps_per_epoch": spe, "total_steps": total}
+
+
+def train(cfg: Config, _fail_at_step: int | None = None, _fail_marker: str | None = None) -> dict:
+    """Train on a Ray cluster (already initialised); returns the run card."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from bco_ray.train_loop import worker_loop
+
+    t0 = time.time()
+    tc = cfg.train
+    src = tc.input or cfg.score.output or storage.join(cfg.run.run_dir, "scored")
+    fs, src_dir = storage.filesystem(src, cfg.storage)
+    data_dir = storage.join(src_dir, "data")
+    if not storage.exists(fs, data_dir):
+        raise FileNotFoundError(f"no scored data at {src}/data: run `bco-ray score-ref` first")
+    scored_manifest = json.loads(storage.read_bytes(fs, storage.join(src_dir, "manifest.json")))
+    columns = TRAIN_COLUMNS + (KL_COLUMNS if cfg.objective.loss == "kto" else [])
+    if cfg.objective.loss == "kto" and not scored_manifest.get("kl_pairs"):
+        raise ValueError("KTO needs the mismatched-pair reference log-probs: run score-ref with "
+                         "--objective.loss kto (or --score.kl_pairs on)")
+    meta = pads.dataset(data_dir, filesystem=fs, format="parquet").to_table(columns=["split", "label", "pair_id"])
+    counts = count_units(meta, cfg.objective.loss)
+    p = plan(cfg, counts)
+    print(f"[train] {counts['train']['units']} train units ({counts['train']['up']} up / "
+          f"{counts['train']['down']} down rows), {counts['eval']['units']} eval units; global batch "
+          f"{p['global_batch_units']}, {p['steps_per_epoch']} steps/epoch, {p['total_steps']} steps", flush=True)
+
+    cpus = cfg.ingest.num_cpus_per_task
+    base = ray.data.read_parquet(data_dir, filesystem=fs, num_cpus=cpus)
+    datasets = {}
+    for split in ("train", "eval"):
+        ds = base.map_batches(_split, fn_kwargs={"split": split, "columns": columns, "seed": cfg.run.seed},
+                              batch_format="pyarrow", num_cpus=cpus)
+        datasets[split] = ds.sort("_order").drop_columns(["_order"])
+
+    use_gpu = ray.cluster_resources().get("GPU", 0) > 0 if tc.use_gpu is None else tc.use_gpu
+    resources = {"CPU": tc.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+    store_fs, store_path = storage.filesystem(tc.storage or storage.join(cfg.run.run_dir, "train"), cfg.storage)
+    export_uri = tc.export or storage.join(cfg.run.run_dir, "model")
+    tracking = tc.tracking_uri
+    if tracking is None:
+        import os
+
+        tracking = "file:" + os.path.abspath(storage.join(cfg.run.run_dir, "mlruns"))
+    from ray.data import ExecutionOptions
+
+    trainer = TorchTrainer(
+        worker_loop,
+        train_loop_config={"cfg": to_dict(cfg), **p, "eval_units": counts["eval"]["units"], "export": export_uri,
+                           "tracking_uri": tracking, "fail_at_step": _fail_at_step, "fail_marker": _fail_marker},
+        scaling_config=ray.train.ScalingConfig(num_workers=tc.num_workers, use_gpu=use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=tc.name, storage_path=store_path, storage_filesystem=store_fs,
+            failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_checkpoints)),
+        datasets=datasets,
+        # Every worker streams the whole (globally shuffled) order and keeps its slice of
+        # each global batch: not split by Ray, and in order.
+        dataset_config=ray.train.DataConfig(datasets_to_split=[],
+                                            execution_options=ExecutionOptions(preserve_order=True)),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    with result.checkpoint.as_directory() as d:
+        with open(f"{d}/state.json") as f:
+            state = json.load(f)
+    card = {
+        "model": export_uri, "exported_step": state.get("exported_step"), "exported_eval": state.get("exported_eval"),
+        "base_model": cfg.model.policy, "reference": cfg.model.reference or cfg.model.policy,
+        "objective": to_dict(cfg.objective), "steps": state["step"], "plan": p, "data": counts,
+        "final_metrics": state["history"][-1] if state["history"] else {}, "final_eval": state["eval"][-1],
+        "delta": state["reward_shift"], "history": state["history"], "eval_history": state["eval"],
+        "scored_manifest": {k: v for k, v in scored_manifest.items() if k != "config"},
+        "checkpoint": result.checkpoint.path, "mlflow": {"tracking_uri": tracking, "run_id": state.get("mlflow_run_id")},
+        "seconds": round(time.time() - t0, 1), "config": to_dict(cfg),
+    }
+    efs, epath = storage.filesystem(export_uri, cfg.storage)
+    storage.write_bytes(efs, storage.join(epath, "run_card.json"), json.dumps(card, indent=1).encode())
+    storage.write_bytes(efs, storage.join(epath, "README.md"), _card_markdown(card).encode())
+    return card
+
+
+def _card_markdown(card: dict) -> str:
+    fm, ev = card["final_metrics"], card["final_eval"]
+    obj = card["objective"]
+    rows = [("objective", f"{obj['loss']} (beta {obj['beta']}, delta {obj['delta_mode']})"),
+            ("base model", card["base_model"]), ("steps", card["steps"]),
+            ("train units", card["data"]["train"]["units"]), ("final train loss", f"{fm.get('loss', float('nan')):.4f}"),
+            ("final delta", f"{fm.get('delta', 0.0):+.4f}"),
+            ("eval loss", f"{ev.get('eval/loss', float('nan')):.4f}"),
+            ("eval reward accuracy", f"{ev.get('eval/reward_accuracy', float('nan')):.3f}"),
+            ("eval reward margin", f"{ev.get('eval/rewards/margin', float('nan')):+.4f}")]
+    lines = ["# bco-ray aligned model", "",
+             f"Aligned from thumbs-up / thumbs-down feedback with bco-ray. Load with "
+             f"`AutoModelForCausalLM.from_pretrained(\"{card['model']}\")`.", "",
+             "| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows] + \
+            ["", "Full config, data manifests and per-step metrics: `run_card.json`.", ""]
+    return "\n".join(lines)
+

@@ -1,0 +1,248 @@
+"""The recipe each Ray Train worker runs: setup, resume, train loop, eval, checkpoint, export.
+
+The step itself is `bco_ray.trainstep.train_step` (no Ray); the data order is
+`bco_ray.batching` (no Ray). This file only wires them to Ray Train: the dataset shards,
+`ray.train.report` with the checkpoints, and the process group Ray set up.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import tempfile
+import time
+
+import torch
+
+from bco_ray import checkpoint, storage
+from bco_ray.batching import epoch_batches, rank_micro_batches, units
+from bco_ray.config import Config, from_dict
+from bco_ray.objectives import RewardShift
+from bco_ray.trainstep import PolicyLogps, collate, evaluate, train_step
+
+H100_BF16_TFLOPS = 989.0
+
+
+# ---------------------------------------------------------------------------- setup
+
+def build_policy(cfg: Config, device: torch.device, world: int):
+    """The policy as the module to optimise (FSDP2- or DDP-wrapped), its LM and tokenizer."""
+    from bco_ray.assets import load_causal_lm
+
+    tc = cfg.train
+    lm, tok = load_causal_lm(cfg.model.policy, "float32", cfg.model.cache_dir, cfg.model.trust_remote_code)
+    lm.config.use_cache = False
+    if tc.gradient_checkpointing:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lm.to(device)
+    bf16 = tc.mixed_precision == "bf16" or (tc.mixed_precision == "auto" and device.type == "cuda")
+    policy = PolicyLogps(lm, cfg.objective.logp_chunk_size, compiled_head=tc.compile)
+    layers = lm.get_decoder().layers
+    if tc.strategy == "fsdp":
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
+            else MixedPrecisionPolicy()
+        for layer in layers:
+            fully_shard(layer, mp_policy=mp)
+        fully_shard(policy, mp_policy=mp)
+        autocast = None  # FSDP2 casts the parameters itself
+    else:
+        autocast = torch.bfloat16 if bf16 else None
+        if world > 1:
+            policy = torch.nn.parallel.DistributedDataParallel(policy, device_ids=[device.index]
+                                                               if device.type == "cuda" else None)
+    if tc.compile:
+        for layer in layers:
+            layer.compile()
+    return policy, lm, tok, autocast
+
+
+def lr_lambda(tc, total_steps: int):
+    warmup = int(round(tc.warmup_ratio * total_steps))
+
+    def fn(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if tc.schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return max(0.0, 1.0 - progress) if tc.schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+    return fn
+
+
+def _flops_per_token(lm) -> float:
+    """6 N (matmuls, forward + backward) + 12 L d T-ish attention, PaLM's count at T = 512."""
+    n = sum(p.numel() for p in lm.parameters())
+    c = lm.config
+    return 6 * n + 12 * c.num_hidden_layers * c.hidden_size * 512
+
+
+# ---------------------------------------------------------------------------- data
+
+def _rows(shard):
+    for b in shard.iter_batches(batch_size=512, batch_format="pyarrow"):
+        yield from b.to_pylist()
+
+
+def _eval_batches(shard, loss: str, rank: int, world: int, micro: int, eval_units: int, pad: int) -> list[dict]:
+    mine = [u for i, u in enumerate(units(_rows(shard), loss)) if i % world == rank]
+    n = max(1, math.ceil(math.ceil(eval_units / world) / micro))  # equal on all ranks: FSDP gathers in lockstep
+    chunks = [mine[i:i + micro] for i in range(0, len(mine), micro)]
+    chunks += [[]] * (n - len(chunks))
+    return [collate([r for u in c for r in u], pad) for c in chunks]
+
+
+# ---------------------------------------------------------------------------- export
+
+def export_model(policy, lm, tok, cfg: Config, rank: int, out_dir: str) -> None:
+    """Gather the full weights (all ranks) and save them, HF format, on rank 0."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    module = policy.module if isinstance(policy, torch.nn.parallel.DistributedDataParallel) else policy
+    full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank != 0:
+        return
+    weights = {k.removeprefix("lm."): v for k, v in full.items()}
+    fresh = AutoModelForCausalLM.from_config(lm.config, dtype=torch.float32)
+    missing, unexpected = fresh.load_state_dict(weights, strict=False)
+    if unexpected or [k for k in missing if "lm_head" not in k]:
+        raise RuntimeError(f"export: weights do not fit the model (missing {missing}, unexpected {unexpected})")
+    fresh.config.use_cache = True
+    fresh.save_pretrained(out_dir, safe_serialization=True)
+    tok.save_pretrained(out_dir)
+
+
+def _improved(state: dict, ev: dict) -> bool:
+    """Is this eval the best so far (lowest eval loss)? Records it."""
+    best = state.get("best_eval_loss")
+    if ev.get("eval/rows") and (best is None or ev["eval/loss"] < best):
+        state["best_eval_loss"] = ev["eval/loss"]
+        return True
+    return False
+
+
+def _progress(step: int, total: int, m: dict) -> str:
+    mfu = f" | MFU {m['mfu']:.1%}" if m.get("mfu") is not None else ""
+    return (f"[train] step {step}/{total} | loss {m['loss']:.4f} | r+ {m['rewards/chosen']:+.4f} "
+            f"r- {m['rewards/rejected']:+.4f} | acc {m['reward_accuracy']:.2f} | delta {m['delta']:+.4f} | "
+            f"logratio {m['logratio']:+.3f} | gnorm {m['grad_norm']:.3f} | lr {m['lr']:.2e} | "
+            f"{m['tokens_per_s']:.0f} tok/s{mfu}")
+
+
+# ---------------------------------------------------------------------------- the loop
+
+def worker_loop(config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    from bco_ray.tracking import Tracker
+
+    cfg: Config = from_dict(config["cfg"])
+    tc, obj = cfg.train, cfg.objective
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.run.seed + rank)
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(tc.cpus_per_worker)))
+
+    policy, lm, tok, autocast = build_policy(cfg, device, world)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    opt = torch.optim.AdamW(policy.parameters(), lr=tc.lr, betas=tuple(tc.adam_betas), weight_decay=tc.weight_decay,
+                            fused=device.type == "cuda")
+    total = config["total_steps"]
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tc, total))
+    shift = RewardShift("pooled" if obj.delta_mode == "pooled" else "balanced", obj.delta_decay)
+
+    state = {"step": 0, "history": [], "eval": [], "best_eval_loss": None, "mlflow_run_id": None}
+    ckpt = ray.train.get_checkpoint()
+    if ckpt:
+        with ckpt.as_directory() as d:
+            state.update(checkpoint.load(d, policy, opt, sched, shift, rank, world, tc.strategy))
+        if rank == 0:
+            print(f"[train] resumed from step {state['step']} (delta {shift.value:+.4f})", flush=True)
+    tracker = Tracker(cfg, config["tracking_uri"], state["mlflow_run_id"]) if rank == 0 else None
+    if tracker is not None:
+        state["mlflow_run_id"] = tracker.run_id
+
+    train_shard, eval_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("eval")
+    spe, g_units = config["steps_per_epoch"], tc.micro_batch_size * tc.grad_accum * world
+    flops_tok = _flops_per_token(lm)
+    peak = tc.peak_tflops or (H100_BF16_TFLOPS if device.type == "cuda" and
+                              ("H100" in torch.cuda.get_device_name() or "H200" in torch.cuda.get_device_name())
+                              else None)
+
+    def run_eval() -> dict:
+        policy.eval()
+        m = evaluate(policy, _eval_batches(eval_shard, obj.loss, rank, world, tc.micro_batch_size,
+                                           config["eval_units"], pad), shift, obj, autocast)
+        policy.train()
+        m["step"] = state["step"]
+        return m
+
+    def save_and_report(metrics: dict) -> None:
+        with tempfile.TemporaryDirectory() as d:
+            checkpoint.save(d, policy, opt, sched, shift, state, rank, world, tc.strategy)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+    def export(ev: dict) -> None:
+        """Every rank joins the weight gather; rank 0 writes and uploads."""
+        with tempfile.TemporaryDirectory() as d:
+            export_model(policy, lm, tok, cfg, rank, d)
+            if rank == 0:
+                storage.upload_dir(d, config["export"], cfg.storage)
+                print(f"[train] exported the model at step {state['step']} to {config['export']}", flush=True)
+        state["exported_step"], state["exported_eval"] = state["step"], ev
+
+    policy.train()
+    step = state["step"]
+    metrics: dict = state["history"][-1] if state["history"] else {}
+    while step < total:
+        epoch, skip = divmod(step, spe)
+        for k, batch in enumerate(epoch_batches(_rows(train_shard), epoch, cfg.run.seed, obj.loss, g_units,
+                                                tc.shuffle_buffer, tc.interleave_labels)):
+            if k < skip:
+                continue  # replayed, not trained: the resume position is exact
+            mbs = [collate(rows, pad) for rows in rank_micro_batches(batch, rank, world, tc.grad_accum)]
+            t0 = time.perf_counter()
+            metrics = train_step(policy, opt, mbs, shift, obj, tc.max_grad_norm or None, sched, autocast)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            step += 1
+            state["step"] = step
+            metrics.update(step=step, epoch=epoch + (k + 1) / spe, seconds=dt, tokens_per_s=metrics["tokens"] / dt,
+                           logratio=metrics["logratio"],
+                           mfu=(flops_tok * metrics["tokens"] / dt / (peak * 1e12 * world)) if peak else None)
+            state["history"].append(metrics)
+            if config.get("fail_at_step") == step and rank == world - 1 and not os.path.exists(config["fail_marker"]):
+                open(config["fail_marker"], "w").close()
+                os.kill(os.getpid(), signal.SIGKILL)  # a worker dies mid-run (the fault-tolerance test)
+            if rank == 0 and (step % tc.log_every == 0 or step == total):
+                print(_progress(step, total, metrics), flush=True)
+                tracker.log(metrics, step)
+            if tc.eval_every and step % tc.eval_every == 0 and step < total:
+                ev = run_eval()
+                state["eval"].append(ev)
+                if rank == 0:
+                    tracker.log(ev, step)
+                if tc.export_which == "best" and _improved(state, ev):
+                    export(ev)
+            if step % tc.checkpoint_every == 0 and step < total:
+                save_and_report(metrics)
+            if step >= total:
+                break
+    ev = run_eval()
+    state["eval"].append(ev)
+    if rank == 0:
+        tracker.log(ev, step)
+        print(f"[train] eval at step {step}: loss {ev['eval/loss']:.4f} | reward accuracy "
+              f"{ev['eval/reward_accuracy']:.3f} | margin {ev['eval/rewards/margin']:+.4f}", flush=True)
+    if tc.export_which == "final" or _improved(state, ev):
+        export(ev)
+    save_and_report({**metrics, **ev})
+    if tracker is not None:
+        tracker.close()
