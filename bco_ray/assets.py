@@ -146,3 +146,20 @@ def load_causal_lm(name: str, dtype="float32", cache_dir=None, trust_remote_code
                                                  trust_remote_code=trust_remote_code)
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     return model, tok
+
+
+def model_fingerprint(path) -> dict:
+    """Identity of a model directory without reading all of it: config + weight files'
+    sizes and the sha256 of their first and last MiB."""
+    import hashlib
+
+    path = Path(path)
+    h = hashlib.sha256((path / "config.json").read_bytes())
+    for f in sorted(path.glob("*.safetensors")):
+        size = f.stat().st_size
+        with f.open("rb") as fh:
+            h.update(f"{f.name}:{size}".encode())
+            h.update(fh.read(1 << 20))
+            fh.seek(max(0, size - (1 << 20)))
+            h.update(fh.read(1 << 20))
+    return {"sha256": h.hexdigest()[:32]}

@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stage: reference model's log-prob of every prepared completion (vLLM or transformers)")
     sub.add_parser("train", parents=[parent],
                    help="stage: BCO (or KTO/DPO) on Ray Train from the scored data; exports the aligned model")
+    sub.add_parser("serve", parents=[parent],
+                   help="stage: the aligned model behind an OpenAI-compatible HTTP API (Ray Serve), with feedback")
     cfg = sub.add_parser("config", help="print the resolved config, or the config reference")
     cfg_sub = cfg.add_subparsers(dest="action", required=True, metavar="ACTION")
     cfg_sub.add_parser("show", parents=[parent], help="print the resolved config as YAML")
@@ -94,6 +96,21 @@ def main(argv: list[str] | None = None) -> int:
         init_ray(cfg.ray)
         card = train(cfg)
         print(f"[bco-ray] model: {card['model']} (run card: {card['model']}/run_card.json)")
+        return 0
+    if args.command == "serve":
+        import time
+
+        from bco_ray import serve
+        from bco_ray.raycluster import init_ray
+
+        init_ray(cfg.ray)
+        url = serve.start(cfg)
+        print(f"[bco-ray] serving {cfg.serve.model_name} at {url} (Ctrl-C stops; feedback is flushed)", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            serve.stop()
         return 0
     if args.command == "align":
         from bco_ray.pipeline import align

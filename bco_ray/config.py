@@ -191,6 +191,32 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class ServeConfig:
+    """`bco-ray serve`: the aligned model behind an OpenAI-compatible HTTP API (Ray Serve)."""
+
+    model: str | None = knob(None, "HF model directory or s3:// prefix to serve; null is train.export or <run_dir>/model.")
+    model_name: str = knob("bco-ray", "Model id clients put in requests (GET /v1/models lists it).")
+    host: str = knob("127.0.0.1", "Bind address; 0.0.0.0 exposes the endpoint to the network (set api_keys then).")
+    port: int = knob(8000, "HTTP port.")
+    api_keys: tuple[str, ...] = knob((), "Accepted Bearer keys; empty and $BCO_RAY_API_KEYS unset: no auth. Prefer the env var (comma-separated) to a file.")
+    engine: Literal["auto", "hf", "vllm"] = knob("auto", "Generation engine: 'hf' (transformers, dynamic batching) or 'vllm'; 'auto' is vllm with GPUs and vLLM installed, else hf.")
+    num_replicas: int = knob(1, "Replicas of the model server (ignored when autoscaling).")
+    autoscale_max_replicas: int | None = knob(None, "Enable autoscaling between 1 and this many replicas, on ongoing requests.")
+    max_ongoing_requests: int = knob(16, "Requests a replica works on at once.")
+    max_queued_requests: int = knob(32, "Requests waiting for a replica; beyond this the server answers 503 at once instead of queueing.")
+    max_batch_size: int = knob(8, "hf: requests decoded together in one batch (@serve.batch).")
+    batch_wait_timeout_s: float = knob(0.02, "hf: how long a batch waits to fill.")
+    max_tokens_limit: int = knob(1024, "Largest max_tokens a request may ask for.")
+    max_request_bytes: int = knob(1_000_000, "Larger request bodies get 413.")
+    cpus_per_replica: float = knob(0.5, "CPUs per model replica.")
+    gpus_per_replica: float | None = knob(None, "GPUs per model replica; null: 1 when the cluster has GPUs, else 0.")
+    feedback_log: str | None = knob(None, "Where POST /v1/feedback rows go (local or s3://, hive date partitions, the schema prepare reads); null is <run_dir>/feedback.")
+    feedback_flush_rows: int = knob(256, "Feedback rows buffered before a parquet file is written.")
+    feedback_flush_seconds: float = knob(10.0, "Oldest buffered feedback row's age that forces a write.")
+    served_cache_size: int = knob(100_000, "Served completions remembered for feedback (oldest forgotten first).")
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole pipeline's configuration: one section per stage."""
 
@@ -203,6 +229,7 @@ class Config:
     score: ScoreConfig = field(default_factory=ScoreConfig, metadata={"help": "Reference log-probs."})
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig, metadata={"help": "Loss and reward shift."})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "Ray Train: workers, optimisation, checkpoints, export."})
+    serve: ServeConfig = field(default_factory=ServeConfig, metadata={"help": "The OpenAI-compatible endpoint and its feedback log."})
 
 
 # ---------------------------------------------------------------------------- coercion

@@ -64,6 +64,14 @@ def _check_pair(a: torch.Tensor, b: torch.Tensor, names: str) -> None:
         raise ValueError(f"{names} must be 1-D and of equal length, got {tuple(a.shape)}, {tuple(b.shape)}")
 
 
+def _logratio(policy_logps, reference_logps) -> torch.Tensor:
+    """log pi - log pi_ref in at least fp32; in float64 when the sums are float64 (they are
+    large, ~-1e3, and nearly equal: the difference is where the precision goes)."""
+    policy_logps, reference_logps = torch.as_tensor(policy_logps), torch.as_tensor(reference_logps)
+    dtype = torch.promote_types(torch.promote_types(policy_logps.dtype, reference_logps.dtype), torch.float32)
+    return policy_logps.to(dtype) - reference_logps.to(dtype, copy=False).to(policy_logps.device)
+
+
 def bco_loss(policy_logps: torch.Tensor, reference_logps: torch.Tensor, labels, delta,
              beta: float = 0.1, weights=None, reduction: Reduction = "mean"):
     """BCO loss of a batch and the implicit rewards (detached).
@@ -78,7 +86,7 @@ def bco_loss(policy_logps: torch.Tensor, reference_logps: torch.Tensor, labels, 
     up = as_bool_labels(labels, policy_logps.device)
     if up.shape != policy_logps.shape:
         raise ValueError(f"labels {tuple(up.shape)} do not match logps {tuple(policy_logps.shape)}")
-    rewards = beta * (policy_logps.float() - reference_logps.float())
+    rewards = beta * _logratio(policy_logps, reference_logps)
     delta = torch.as_tensor(delta, dtype=rewards.dtype, device=rewards.device).detach()
     margin = rewards - delta
     losses = -F.logsigmoid(torch.where(up, margin, -margin))
@@ -100,8 +108,8 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
     Returns (loss, chosen_rewards, rejected_rewards), rewards detached.
     """
     _check_pair(policy_chosen_logps, policy_rejected_logps, "chosen and rejected logps")
-    chosen = beta * (policy_chosen_logps.float() - reference_chosen_logps.float())
-    rejected = beta * (policy_rejected_logps.float() - reference_rejected_logps.float())
+    chosen = beta * _logratio(policy_chosen_logps, reference_chosen_logps)
+    rejected = beta * _logratio(policy_rejected_logps, reference_rejected_logps)
     losses = -F.logsigmoid(chosen - rejected)
     return _reduce(losses, reduction), chosen.detach(), rejected.detach()
 
@@ -137,7 +145,7 @@ def kto_loss(policy_logps: torch.Tensor, reference_logps: torch.Tensor, labels, 
     """KTO (TRL's form). kl: from `kto_kl_estimate`. Returns (loss, rewards)."""
     _check_pair(policy_logps, reference_logps, "policy_logps and reference_logps")
     up = as_bool_labels(labels, policy_logps.device)
-    logratio = policy_logps.float() - reference_logps.float()
+    logratio = _logratio(policy_logps, reference_logps)
     kl = torch.as_tensor(kl, dtype=logratio.dtype, device=logratio.device).detach()
     losses = torch.where(
         up,

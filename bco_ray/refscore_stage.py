@@ -37,23 +37,6 @@ def choose_backend(requested: str, gpus: float) -> str:
     return "vllm" if gpus > 0 and importlib.util.find_spec("vllm") is not None else "hf"
 
 
-def _model_fingerprint(path) -> dict:
-    """Identity of a model directory without reading all of it: config + weight files'
-    sizes and the sha256 of their first and last MiB."""
-    from pathlib import Path
-
-    path = Path(path)
-    h = hashlib.sha256((path / "config.json").read_bytes())
-    for f in sorted(path.glob("*.safetensors")):
-        size = f.stat().st_size
-        with f.open("rb") as fh:
-            h.update(f"{f.name}:{size}".encode())
-            h.update(fh.read(1 << 20))
-            fh.seek(max(0, size - (1 << 20)))
-            h.update(fh.read(1 << 20))
-    return {"sha256": h.hexdigest()[:32]}
-
-
 def _input_fingerprint(fs, data_dir: str) -> str:
     files = storage.list_parquet(fs, data_dir)
     infos = fs.get_file_info(files)
@@ -83,7 +66,7 @@ def score_reference(cfg: Config) -> dict:
     """Score every prepared row once; returns the manifest (written beside the data)."""
     import ray
 
-    from bco_ray.assets import resolve_model
+    from bco_ray.assets import model_fingerprint, resolve_model
 
     t0 = time.time()
     sc, cpus = cfg.score, cfg.ingest.num_cpus_per_task
@@ -104,7 +87,7 @@ def score_reference(cfg: Config) -> dict:
     kl = sc.kl_pairs if sc.kl_pairs is not None else cfg.objective.loss == "kto"
     # vLLM must emit one token after the prompt, so a row may use limit - 1 positions.
     max_tokens = limit - 1
-    key_fields = {"input": _input_fingerprint(in_fs, data_dir), "reference": _model_fingerprint(ref_path),
+    key_fields = {"input": _input_fingerprint(in_fs, data_dir), "reference": model_fingerprint(ref_path),
                   "dtype": dtype, "max_tokens": max_tokens, "kl_pairs": kl}
     key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:32]
     manifest_path = storage.join(out, "manifest.json")

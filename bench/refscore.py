@@ -3,8 +3,8 @@
     python bench/refscore.py                                   # CPU: SmolLM2-135M, fp32 and bf16
     python bench/refscore.py --device cuda --dtypes bfloat16 --model /models/qwen2-0.5b --rows 4096
 
-Rows are real text: the shipped demo feedback log, chat-templated and tokenized like
-`prepare` does (prompt as a user turn, completion + EOS). Both backends are the functions
+Rows are the demo generator's text (clean rows, `bco_ray.demo_data`), chat-templated and
+tokenized like `prepare` does (prompt as a user turn, completion + EOS). Both backends are the functions
 the Ray actors call (`score_hf`, `VLLMScorer.score`), without Ray, so the same script runs
 on a GPU machine that has no Ray. Prints completion tokens/s, the ratio, and the gap
 between backends and dtypes (max / mean abs difference of per-row summed log-probs, and
@@ -22,12 +22,17 @@ import numpy as np
 
 
 def load_rows(model_dir: str, n: int, max_length: int):
+    import tempfile
+
     import pyarrow.dataset as pads
     from transformers import AutoTokenizer
 
+    from bco_ray.demo_data import write_log
+
     tok = AutoTokenizer.from_pretrained(model_dir)
-    table = pads.dataset("data/demo_feedback", format="parquet", partitioning="hive").to_table(
-        columns=["prompt", "completion"])
+    with tempfile.TemporaryDirectory() as d:
+        write_log(d, n, seed=0, shift=0.0, dirty=0.0, days=1, variants=False)
+        table = pads.dataset(d, format="parquet").to_table(columns=["prompt", "completion"])
     ids, masks = [], []
     for r in table.to_pylist():
         if not isinstance(r["prompt"], str) or not isinstance(r["completion"], str) or not r["completion"].strip():

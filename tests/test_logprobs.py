@@ -29,7 +29,7 @@ def test_sequence_logps_matches_log_softmax(chunk):
     ours = sequence_logps(logits, labels, mask, chunk_size=chunk)
     ref_logits = logits.detach().clone().requires_grad_()
     ref = plain(ref_logits, labels, mask)
-    assert torch.allclose(ours, ref, atol=1e-5, rtol=0)
+    assert torch.allclose(ours, ref.double(), atol=1e-5, rtol=0)
     assert ours[1].item() == 0.0
     g = torch.randn(3)
     (ours * g).sum().backward()
@@ -44,7 +44,7 @@ def test_fused_head_matches_log_softmax(chunk):
     ours = sequence_logps_from_hidden(h, w, labels, mask, chunk_size=chunk)
     h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     ref = plain(h2 @ w2.t(), labels, mask)
-    assert torch.allclose(ours, ref, atol=1e-5, rtol=0)
+    assert torch.allclose(ours, ref.double(), atol=1e-5, rtol=0)
     g = torch.randn(3)
     (ours * g).sum().backward()
     (ref * g).sum().backward()
@@ -57,7 +57,7 @@ def test_bf16_inputs_give_float64_sums_close_to_fp32_math():
     logits = hidden @ weight.t()
     ours = sequence_logps(logits, labels, mask)
     assert ours.dtype == torch.float64
-    assert torch.allclose(ours, plain(logits.float(), labels, mask), atol=1e-4)
+    assert torch.allclose(ours, plain(logits.float(), labels, mask).double(), atol=1e-4)
     fused = sequence_logps_from_hidden(hidden, weight, labels, mask)
     assert torch.allclose(fused, ours, atol=0.05)  # bf16 matmul per chunk vs whole
 
@@ -78,7 +78,7 @@ def test_completion_logps_fused_equals_full_logits(tiny_llama):
     full = completion_logps(model, ids, attn, comp, fused_head=False)
     logits = model(input_ids=ids, attention_mask=attn).logits
     by_hand = plain(logits[:, :-1], ids[:, 1:], (comp[:, 1:] * attn[:, 1:]).bool())
-    assert torch.allclose(fused, full, atol=1e-4) and torch.allclose(full, by_hand, atol=1e-4)
+    assert torch.allclose(fused, full, atol=1e-4) and torch.allclose(full, by_hand.to(full.dtype), atol=1e-4)
 
 
 @pytest.mark.slow
@@ -91,4 +91,4 @@ def test_compiled_head_matches_eager():
         lp.sum().backward()
         out.append((lp.detach(), h.grad, w.grad))
     for a, b in zip(*out, strict=True):
-        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+        assert torch.allclose(a.double(), b.double(), atol=1e-5, rtol=1e-5)

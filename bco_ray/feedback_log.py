@@ -1,0 +1,114 @@
+"""Closing the loop: what the server answered, and the thumbs users gave it, as a parquet log
+in the schema `bco-ray prepare` reads (so next week's alignment run reads this week's traffic).
+
+    <log>/date=YYYY-MM-DD/feedback-<time>-<uuid>-text.parquet   prompt: string
+    <log>/date=YYYY-MM-DD/feedback-<time>-<uuid>-chat.parquet   prompt: list<{role, content}>
+    columns: prompt, completion, label ("thumbs_up" / "thumbs_down"), completion_id,
+             choice_index, model, model_version, comment, served_at, feedback_at
+
+Served completions are remembered (bounded, oldest forgotten first) until their feedback
+arrives; feedback rows are buffered and written in batches, and on `close()`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+import time
+import uuid
+from collections import OrderedDict
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from bco_ray import storage
+from bco_ray.config import StorageConfig
+
+MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+
+
+def _schema(chat: bool) -> pa.Schema:
+    return pa.schema([("prompt", MESSAGES if chat else pa.string()), ("completion", pa.string()),
+                      ("label", pa.string()), ("completion_id", pa.string()), ("choice_index", pa.int32()),
+                      ("model", pa.string()), ("model_version", pa.string()), ("comment", pa.string()),
+                      ("served_at", pa.timestamp("ms", tz="UTC")), ("feedback_at", pa.timestamp("ms", tz="UTC"))])
+
+
+class UnknownCompletion(KeyError):
+    """Feedback for a completion id this server never served (or has forgotten)."""
+
+
+class FeedbackWriter:
+    def __init__(self, uri: str, storage_cfg: StorageConfig, flush_rows: int = 256, flush_seconds: float = 10.0,
+                 max_served: int = 100_000):
+        self.fs, self.root = storage.filesystem(uri, storage_cfg)
+        self.flush_rows, self.flush_seconds, self.max_served = flush_rows, flush_seconds, max_served
+        self.served: OrderedDict[str, dict] = OrderedDict()
+        self.buffer: list[dict] = []
+        self.oldest: float | None = None
+        self.written = 0
+        self.lock = threading.Lock()
+
+    def record(self, completion_id: str, prompt: str | list[dict], completions: list[str], model: str,
+               model_version: str) -> None:
+        with self.lock:
+            self.served[completion_id] = {"prompt": prompt, "completions": completions, "model": model,
+                                          "model_version": model_version,
+                                          "served_at": dt.datetime.now(dt.timezone.utc)}
+            while len(self.served) > self.max_served:
+                self.served.popitem(last=False)
+
+    def feedback(self, completion_id: str, thumbs_up: bool, comment: str | None = None, index: int = 0) -> dict:
+        with self.lock:
+            served = self.served.get(completion_id)
+            if served is None:
+                raise UnknownCompletion(completion_id)
+            if not 0 <= index < len(served["completions"]):
+                raise IndexError(f"choice_index {index} out of range (this completion has "
+                                 f"{len(served['completions'])} choices)")
+            row = {"prompt": served["prompt"], "completion": served["completions"][index],
+                   "label": "thumbs_up" if thumbs_up else "thumbs_down", "completion_id": completion_id,
+                   "choice_index": index, "model": served["model"], "model_version": served["model_version"],
+                   "comment": comment, "served_at": served["served_at"],
+                   "feedback_at": dt.datetime.now(dt.timezone.utc)}
+            self.buffer.append(row)
+            self.oldest = self.oldest or time.monotonic()
+            due = len(self.buffer) >= self.flush_rows
+        if due:
+            self.flush()
+        return row
+
+    def due(self) -> bool:
+        return self.oldest is not None and time.monotonic() - self.oldest >= self.flush_seconds
+
+    def flush(self) -> int:
+        """Write the buffered rows (one file per prompt kind and day); returns how many."""
+        with self.lock:
+            rows, self.buffer, self.oldest = self.buffer, [], None
+        if not rows:
+            return 0
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        groups: dict[tuple[str, bool], list[dict]] = {}
+        for r in rows:
+            groups.setdefault((r["feedback_at"].date().isoformat(), isinstance(r["prompt"], list)), []).append(r)
+        pending = list(groups.items())
+        try:
+            while pending:
+                (day, chat), part = pending[0]
+                table = pa.Table.from_pylist(part, schema=_schema(chat))
+                path = storage.join(self.root, f"date={day}",
+                                    f"feedback-{stamp}-{uuid.uuid4().hex[:8]}-{'chat' if chat else 'text'}.parquet")
+                self.fs.create_dir(storage.join(self.root, f"date={day}"), recursive=True)
+                with self.fs.open_output_stream(path) as f:
+                    pq.write_table(table, f)
+                pending.pop(0)
+        except Exception:
+            with self.lock:  # storage failed: keep the unwritten rows for the next flush
+                self.buffer[:0] = [r for _, part in pending for r in part]
+                self.oldest = self.oldest or time.monotonic()
+            raise
+        self.written += len(rows)
+        return len(rows)
+
+    def close(self) -> int:
+        return self.flush()

@@ -1,0 +1,83 @@
+"""`bco-ray serve`: start the OpenAI-compatible endpoint (Ray Serve) for an exported model.
+
+    bco-ray serve --config configs/demo.yaml                  # serves <run_dir>/model on 127.0.0.1:8000
+    BCO_RAY_API_KEYS=k1,k2 bco-ray serve --serve.model s3://bucket/models/v7 --serve.host 0.0.0.0
+
+Clients change only their base_url: `OpenAI(base_url="http://127.0.0.1:8000/v1", api_key=KEY)`.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+from bco_ray import storage
+from bco_ray.config import Config, ConfigError, to_dict
+
+APP_NAME = "bco-ray"
+
+
+def local_model_dir(uri: str, cfg: Config) -> str:
+    """A local directory with the model: the path itself, or an s3:// prefix downloaded once."""
+    import hashlib
+
+    import pyarrow.fs as pafs
+
+    if not storage.is_s3(uri):
+        from bco_ray.assets import resolve_model
+
+        return str(resolve_model(uri, cfg.model.cache_dir))
+    from bco_ray.assets import cache_root
+
+    target = cache_root(cfg.model.cache_dir) / "served" / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    if not (target / "config.json").exists():
+        fs, path = storage.filesystem(uri, cfg.storage)
+        tmp = tempfile.mkdtemp(dir=target.parent if target.parent.exists() else None)
+        pafs.copy_files(path, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, target)
+    return str(target)
+
+
+def build_app(cfg: Config):
+    """The Serve application (not started): the model server bound to the feedback log."""
+    import ray
+
+    from bco_ray.assets import model_fingerprint
+    from bco_ray.serve_app import FeedbackLog, OpenAIServer
+
+    sc = cfg.serve
+    if sc.engine == "vllm":
+        raise ConfigError("serve.engine 'vllm' is not available yet: use 'hf' (or 'auto')")
+    model_uri = sc.model or cfg.train.export or storage.join(cfg.run.run_dir, "model")
+    model_dir = local_model_dir(model_uri, cfg)
+    version = f"{model_uri}@{model_fingerprint(model_dir)['sha256'][:12]}"
+    gpus = sc.gpus_per_replica if sc.gpus_per_replica is not None else \
+        (1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0)
+    scaling = {"autoscaling_config": {"min_replicas": 1, "max_replicas": sc.autoscale_max_replicas,
+                                      "target_ongoing_requests": max(1, sc.max_ongoing_requests // 2)}} \
+        if sc.autoscale_max_replicas else {"num_replicas": sc.num_replicas}
+    log = FeedbackLog.bind(sc.feedback_log or storage.join(cfg.run.run_dir, "feedback"), to_dict(cfg.storage),
+                           sc.feedback_flush_rows, sc.feedback_flush_seconds, sc.served_cache_size)
+    server = OpenAIServer.options(max_ongoing_requests=sc.max_ongoing_requests,
+                                  max_queued_requests=sc.max_queued_requests,
+                                  ray_actor_options={"num_cpus": sc.cpus_per_replica, "num_gpus": gpus},
+                                  **scaling)
+    return server.bind(to_dict(cfg), model_dir, version, log)
+
+
+def start(cfg: Config) -> str:
+    """Start Serve on cfg.serve.host:port with the app; returns the base URL (…/v1)."""
+    from ray import serve
+
+    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    serve.run(build_app(cfg), name=APP_NAME, route_prefix="/", blocking=False)
+    host = "127.0.0.1" if cfg.serve.host in ("0.0.0.0", "::") else cfg.serve.host
+    return f"http://{host}:{cfg.serve.port}/v1"
+
+
+def stop() -> None:
+    """Graceful: replicas finish their requests and the feedback log flushes."""
+    from ray import serve
+
+    serve.shutdown()

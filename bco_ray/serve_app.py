@@ -1,0 +1,324 @@
+"""The OpenAI-compatible HTTP API on Ray Serve, and the feedback log behind it.
+
+Two deployments: `OpenAIServer` (FastAPI ingress + the model; replicas scale together) and
+`FeedbackLog` (one replica: remembers what every server replica answered, so feedback to
+any replica finds its completion, and writes the parquet log; flushes on shutdown).
+The request/response shapes are OpenAI's; errors use OpenAI's JSON error body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import threading
+import time
+import uuid
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+
+from bco_ray.config import Config, from_dict
+from bco_ray.generate import Sampling
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+
+def error_body(e: APIError) -> dict:
+    return {"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}}
+
+
+app = FastAPI(title="bco-ray", docs_url=None, redoc_url=None)
+
+
+@app.exception_handler(APIError)
+async def _api_error(_: Request, e: APIError):
+    return JSONResponse(error_body(e), status_code=e.status)
+
+
+# ---------------------------------------------------------------------------- feedback
+
+@serve.deployment(num_replicas=1, max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0.1})
+class FeedbackLog:
+    def __init__(self, uri: str, storage: dict, flush_rows: int, flush_seconds: float, max_served: int):
+        from bco_ray.config import StorageConfig
+        from bco_ray.feedback_log import FeedbackWriter
+
+        self.writer = FeedbackWriter(uri, StorageConfig(**storage), flush_rows, flush_seconds, max_served)
+        self.stop = threading.Event()
+        threading.Thread(target=self._timer, daemon=True).start()
+
+    def _timer(self) -> None:
+        while not self.stop.wait(0.5):
+            if self.writer.due():
+                try:
+                    self.writer.flush()
+                except Exception as e:  # noqa: BLE001 - kept in the buffer; retried next tick
+                    print(f"[serve] feedback flush failed, will retry: {e}", flush=True)
+
+    def record(self, completion_id: str, prompt, completions: list[str], model: str, version: str) -> None:
+        self.writer.record(completion_id, prompt, completions, model, version)
+
+    def feedback(self, completion_id: str, thumbs_up: bool, comment: str | None, index: int) -> dict:
+        from bco_ray.feedback_log import UnknownCompletion
+
+        try:
+            row = self.writer.feedback(completion_id, thumbs_up, comment, index)
+        except UnknownCompletion:
+            return {"error": "unknown"}
+        except IndexError as e:
+            return {"error": "index", "message": str(e)}
+        return {"ok": True, "label": row["label"]}
+
+    def flush(self) -> int:
+        return self.writer.flush()
+
+    def stats(self) -> dict:
+        return {"written": self.writer.written, "buffered": len(self.writer.buffer), "served": len(self.writer.served)}
+
+    def __del__(self):
+        # Serve calls this on graceful shutdown: nothing buffered is lost.
+        self.stop.set()
+        self.writer.close()
+
+
+# ---------------------------------------------------------------------------- the API
+
+LABELS = {"up": True, "thumbs_up": True, "positive": True, "1": True, "true": True,
+          "down": False, "thumbs_down": False, "negative": False, "0": False, "false": False, "-1": False}
+
+
+def _sampling(body: dict, limit: int) -> tuple[Sampling, int]:
+    def num(key, default, lo, hi, kind=float):
+        v = body.get(key, default)
+        if v is None:
+            v = default
+        if isinstance(v, bool) or not isinstance(v, int | float) or not lo <= v <= hi or (kind is int and v != int(v)):
+            raise APIError(400, f"'{key}' must be a number in [{lo}, {hi}]", param=key)
+        return kind(v)
+
+    max_tokens = num("max_tokens", 16, 1, limit, int) if "max_completion_tokens" not in body \
+        else num("max_completion_tokens", 16, 1, limit, int)
+    stop = body.get("stop") or ()
+    stop = (stop,) if isinstance(stop, str) else stop
+    if not isinstance(stop, list | tuple) or len(stop) > 4 or not all(isinstance(s, str) for s in stop):
+        raise APIError(400, "'stop' must be a string or a list of up to 4 strings", param="stop")
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise APIError(400, "'seed' must be an integer", param="seed")
+    s = Sampling(max_tokens=max_tokens, temperature=num("temperature", 1.0, 0.0, 2.0),
+                 top_p=num("top_p", 1.0, 0.0, 1.0), stop=tuple(stop), seed=seed)
+    return s, num("n", 1, 1, 8, int)
+
+
+@serve.deployment
+@serve.ingress(app)
+class OpenAIServer:
+    def __init__(self, cfg: dict, model_dir: str, version: str, feedback):
+        from bco_ray.generate import HFEngine
+
+        self.cfg: Config = from_dict(cfg)
+        sc = self.cfg.serve
+        keys = list(sc.api_keys) + [k.strip() for k in os.environ.get("BCO_RAY_API_KEYS", "").split(",") if k.strip()]
+        self.keys, self.name, self.version, self.feedback_log = set(keys), sc.model_name, version, feedback
+        dtype = self.cfg.model.dtype if self.cfg.model.dtype != "auto" else "float32"
+        import torch
+
+        if torch.cuda.is_available() and self.cfg.model.dtype == "auto":
+            dtype = "bfloat16"
+        self.engine = HFEngine(model_dir, dtype, trust_remote_code=self.cfg.model.trust_remote_code,
+                               num_threads=max(1, int(sc.cpus_per_replica)))
+        self._generate_batch.set_max_batch_size(sc.max_batch_size)
+        self._generate_batch.set_batch_wait_timeout_s(sc.batch_wait_timeout_s)
+        self.created = int(time.time())
+
+    # -- plumbing
+    async def _body(self, request: Request) -> dict:
+        if self.keys:
+            auth = request.headers.get("authorization", "")
+            if not auth.startswith("Bearer ") or auth[7:].strip() not in self.keys:
+                raise APIError(401, "missing or invalid API key (Authorization: Bearer KEY)", "authentication_error",
+                               code="invalid_api_key")
+        limit = self.cfg.serve.max_request_bytes
+        if int(request.headers.get("content-length") or 0) > limit:
+            raise APIError(413, f"request body over {limit} bytes", code="request_too_large")
+        raw = await request.body()
+        if len(raw) > limit:
+            raise APIError(413, f"request body over {limit} bytes", code="request_too_large")
+        try:
+            body = json.loads(raw or b"{}")
+        except ValueError as e:
+            raise APIError(400, f"the body is not valid JSON: {e}") from None
+        if not isinstance(body, dict):
+            raise APIError(400, "the body must be a JSON object")
+        return body
+
+    def _check_model(self, body: dict) -> None:
+        model = body.get("model")
+        if not isinstance(model, str):
+            raise APIError(400, "'model' is required", param="model")
+        if model != self.name:
+            raise APIError(404, f"the model '{model}' does not exist (this server serves '{self.name}')",
+                           param="model", code="model_not_found")
+
+    def _fit(self, ids: list[int], s: Sampling) -> None:
+        if len(ids) + s.max_tokens > self.engine.max_context:
+            raise APIError(413, f"prompt ({len(ids)} tokens) + max_tokens ({s.max_tokens}) exceed the model's "
+                           f"context of {self.engine.max_context} tokens", param="messages",
+                           code="context_length_exceeded")
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
+    async def _generate_batch(self, items: list[tuple[list[int], Sampling]]) -> list[tuple[str, str, int]]:
+        prompts, params = [i[0] for i in items], [i[1] for i in items]
+        return await asyncio.to_thread(self.engine.generate, prompts, params)
+
+    async def _complete(self, ids: list[int], s: Sampling, n: int) -> list[tuple[str, str, int]]:
+        # n choices = n batch items; a fixed seed gives choice i the seed + i.
+        return await asyncio.gather(*[self._generate_batch((ids, Sampling(**{**s.__dict__, "seed": None if s.seed
+                                                                                is None else s.seed + i})))
+                                      for i in range(n)])
+
+    def _stream(self, ids: list[int], s: Sampling, n: int, make_chunk, on_done):
+        queue: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        params = [Sampling(**{**s.__dict__, "seed": None if s.seed is None else s.seed + i}) for i in range(n)]
+
+        def work():
+            try:
+                for step in self.engine.generate_iter([ids] * n, params):
+                    loop.call_soon_threadsafe(queue.put_nowait, step)
+            finally:
+                loop.call_soon_threadsafe(queue.put_nowait, None)
+
+        async def events():
+            texts, counts = [""] * n, [0] * n
+            threading.Thread(target=work, daemon=True).start()
+            yield f"data: {json.dumps(make_chunk(None, None, None))}\n\n"
+            while (step := await queue.get()) is not None:
+                for i, (delta, reason, count) in enumerate(step):
+                    texts[i] += delta
+                    counts[i] = count
+                    if delta or reason:
+                        yield f"data: {json.dumps(make_chunk(i, delta, reason))}\n\n"
+            await on_done(texts, counts)
+            yield "data: [DONE]\n\n"
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    async def _remember(self, cid: str, prompt, texts: list[str]) -> None:
+        await self.feedback_log.record.remote(cid, prompt, texts, self.name, self.version)
+
+    @staticmethod
+    def _usage(prompt_tokens: int, counts: list[int]) -> dict:
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": sum(counts),
+                "total_tokens": prompt_tokens + sum(counts)}
+
+    # -- routes
+    @app.get("/health")
+    async def health(self):
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready(self):
+        return {"status": "ready", "model": self.name, "version": self.version}
+
+    @app.get("/v1/models")
+    async def models(self, request: Request):
+        await self._body(request)
+        return {"object": "list", "data": [{"id": self.name, "object": "model", "created": self.created,
+                                            "owned_by": "bco-ray"}]}
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request):
+        body = await self._body(request)
+        self._check_model(body)
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if not isinstance(prompt, str) or not prompt:
+            raise APIError(400, "'prompt' must be a non-empty string", param="prompt")
+        s, n = _sampling(body, self.cfg.serve.max_tokens_limit)
+        ids = self.engine.encode_text(prompt)
+        self._fit(ids, s)
+        cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        if body.get("stream"):
+            def chunk(i, delta, reason):
+                if i is None:
+                    return {"id": cid, "object": "text_completion", "created": created, "model": self.name,
+                            "choices": []}
+                return {"id": cid, "object": "text_completion", "created": created, "model": self.name,
+                        "choices": [{"index": i, "text": delta, "logprobs": None, "finish_reason": reason}]}
+
+            async def done(texts, counts):
+                await self._remember(cid, prompt, texts)
+            return self._stream(ids, s, n, chunk, done)
+        outs = await self._complete(ids, s, n)
+        await self._remember(cid, prompt, [o[0] for o in outs])
+        return {"id": cid, "object": "text_completion", "created": created, "model": self.name,
+                "choices": [{"index": i, "text": t, "logprobs": None, "finish_reason": r}
+                            for i, (t, r, _) in enumerate(outs)],
+                "usage": self._usage(len(ids), [c for _, _, c in outs])}
+
+    @app.post("/v1/chat/completions")
+    async def chat(self, request: Request):
+        body = await self._body(request)
+        self._check_model(body)
+        messages = body.get("messages")
+        if (not isinstance(messages, list) or not messages or
+                not all(isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
+                        and isinstance(m.get("content"), str) for m in messages)):
+            raise APIError(400, "'messages' must be a non-empty list of {role: system|user|assistant, "
+                                "content: string}", param="messages")
+        messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+        s, n = _sampling(body, self.cfg.serve.max_tokens_limit)
+        ids = self.engine.encode_chat(messages)
+        self._fit(ids, s)
+        cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if body.get("stream"):
+            def chunk(i, delta, reason):
+                if i is None:
+                    return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": self.name,
+                            "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                         "finish_reason": None}]}
+                return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": self.name,
+                        "choices": [{"index": i, "delta": {"content": delta} if delta else {},
+                                     "finish_reason": reason}]}
+
+            async def done(texts, counts):
+                await self._remember(cid, messages, texts)
+            return self._stream(ids, s, n, chunk, done)
+        outs = await self._complete(ids, s, n)
+        await self._remember(cid, messages, [o[0] for o in outs])
+        return {"id": cid, "object": "chat.completion", "created": created, "model": self.name,
+                "choices": [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": r}
+                            for i, (t, r, _) in enumerate(outs)],
+                "usage": self._usage(len(ids), [c for _, _, c in outs])}
+
+    @app.post("/v1/feedback")
+    async def feedback(self, request: Request):
+        body = await self._body(request)
+        cid = body.get("id") or body.get("completion_id")
+        if not isinstance(cid, str) or not cid:
+            raise APIError(400, "'id' (the completion id) is required", param="id")
+        label = body.get("label", body.get("rating"))
+        label = LABELS.get(str(label).strip().lower()) if not isinstance(label, bool) else label
+        if label is None:
+            raise APIError(400, "'label' must be thumbs_up / thumbs_down (or up/down, true/false)", param="label")
+        comment = body.get("comment")
+        if comment is not None and not isinstance(comment, str):
+            raise APIError(400, "'comment' must be a string", param="comment")
+        index = body.get("index", 0)
+        if isinstance(index, bool) or not isinstance(index, int):
+            raise APIError(400, "'index' must be an integer", param="index")
+        res = await self.feedback_log.feedback.remote(cid, label, comment, index)
+        if res.get("error") == "unknown":
+            raise APIError(404, f"no served completion with id '{cid}' (unknown, or forgotten)", param="id",
+                           code="completion_not_found")
+        if res.get("error"):
+            raise APIError(400, res["message"], param="index")
+        return {"object": "feedback", "id": cid, "label": res["label"], "recorded": True}

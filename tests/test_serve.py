@@ -1,0 +1,160 @@
+"""`bco-ray serve`: a real Ray Serve app on 127.0.0.1, driven by the official openai client."""
+
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import openai
+import pytest
+
+from bco_ray.config import load_config
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+KEY = "test-key-1"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(ray_local, tmp_path_factory):
+    from bco_ray import serve
+
+    root = tmp_path_factory.mktemp("serve")
+    port = free_port()
+    cfg = load_config(None, ["--model.policy", "tiny-llama", "--serve.model", "tiny-llama",
+                             "--serve.port", str(port), "--serve.api_keys", f"[{KEY}]",
+                             "--serve.feedback_log", str(root / "feedback"), "--serve.feedback_flush_rows", "2",
+                             "--serve.feedback_flush_seconds", "3600", "--serve.max_ongoing_requests", "4",
+                             "--serve.max_queued_requests", "4", "--run.run_dir", str(root / "run")])
+    url = serve.start(cfg)
+    yield {"url": url, "root": root, "cfg": cfg, "client": openai.OpenAI(base_url=url, api_key=KEY, max_retries=0)}
+    serve.stop()
+
+
+def post(url, body, key=KEY, raw=None):
+    req = urllib.request.Request(url, data=raw if raw is not None else json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        raw = e.read()
+        try:
+            return e.code, json.loads(raw or b"{}")
+        except ValueError:  # Ray Serve's own 503 (queue full) is plain text
+            return e.code, {"raw": raw.decode(errors="replace")}
+
+
+def test_models_completions_and_chat(server):
+    c = server["client"]
+    assert [m.id for m in c.models.list().data] == ["bco-ray"]
+    r = c.completions.create(model="bco-ray", prompt="Once upon a time", max_tokens=5, temperature=0)
+    assert r.object == "text_completion" and len(r.choices) == 1 and r.choices[0].finish_reason in ("length", "stop")
+    assert r.usage.prompt_tokens > 0 and 0 < r.usage.completion_tokens <= 5
+    again = c.completions.create(model="bco-ray", prompt="Once upon a time", max_tokens=5, temperature=0)
+    assert again.choices[0].text == r.choices[0].text  # greedy is deterministic
+    seeded = [c.chat.completions.create(model="bco-ray", messages=[{"role": "user", "content": "Hi"}], max_tokens=6,
+                                        temperature=1.0, seed=7, n=2) for _ in range(2)]
+    assert [ch.message.content for ch in seeded[0].choices] == [ch.message.content for ch in seeded[1].choices]
+    assert len(seeded[0].choices) == 2 and seeded[0].choices[0].message.role == "assistant"
+    assert seeded[0].usage.completion_tokens <= 12
+
+
+def test_streaming_chat_equals_the_whole_answer(server):
+    c = server["client"]
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
+    whole = c.chat.completions.create(model="bco-ray", messages=msgs, max_tokens=8, temperature=0)
+    chunks = list(c.chat.completions.create(model="bco-ray", messages=msgs, max_tokens=8, temperature=0, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == whole.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+    streamed = list(server["client"].completions.create(model="bco-ray", prompt="abc", max_tokens=4, temperature=0,
+                                                        stream=True))
+    assert "".join(ch.choices[0].text for ch in streamed if ch.choices) == \
+        c.completions.create(model="bco-ray", prompt="abc", max_tokens=4, temperature=0).choices[0].text
+
+
+def test_errors_have_openai_shape_and_status(server):
+    url, c = server["url"], server["client"]
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=url, api_key="wrong", max_retries=0).models.list()
+    with pytest.raises(openai.NotFoundError) as e:
+        c.completions.create(model="gpt-4", prompt="x", max_tokens=2)
+    assert e.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as e:
+        c.chat.completions.create(model="bco-ray", messages=[{"role": "user", "content": "x"}], temperature=5)
+    assert e.value.body["param"] == "temperature"
+    with pytest.raises(openai.APIStatusError) as e:
+        c.completions.create(model="bco-ray", prompt="word " * 2100, max_tokens=2)
+    assert e.value.status_code == 413 and e.value.body["code"] == "context_length_exceeded"
+    status, body = post(f"{url}/completions", None, raw=b"{" + b" " * 1_100_000 + b"}")
+    assert status == 413 and body["error"]["code"] == "request_too_large"
+    status, body = post(f"{url}/chat/completions", None, raw=b"not json")
+    assert status == 400 and "message" in body["error"]
+    status, _ = post(f"{url}/feedback", {"id": "chatcmpl-nope", "label": "up"})
+    assert status == 404
+    with urllib.request.urlopen(url.removesuffix("/v1") + "/health") as r:  # no key needed
+        assert json.loads(r.read())["status"] == "ok"
+
+
+def test_bounded_load_gives_only_200_or_503(server):
+    """N concurrent clients for a few seconds; latency figures are printed, not asserted
+    (bench/serve.py reports them)."""
+    url, stop_at = server["url"], time.time() + 4
+    results, lock = [], threading.Lock()
+
+    def client():
+        while time.time() < stop_at:
+            t0 = time.perf_counter()
+            status, _ = post(f"{url}/completions", {"model": "bco-ray", "prompt": "load", "max_tokens": 4,
+                                                    "temperature": 0})
+            with lock:
+                results.append((status, time.perf_counter() - t0))
+
+    threads = [threading.Thread(target=client) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    statuses = {s for s, _ in results}
+    assert statuses <= {200, 503} and 200 in statuses, statuses
+    ok = sorted(t for s, t in results if s == 200)
+    print(f"\nload: {len(results)} requests, {len(ok)} ok, {len(results) - len(ok)} x 503; "
+          f"p50 {ok[len(ok) // 2] * 1e3:.0f} ms, p99 {ok[int(len(ok) * 0.99)] * 1e3:.0f} ms")
+
+
+def test_feedback_round_trip_through_prepare(server):
+    """Serve, chat, send feedback, stop the server gracefully, run prepare on the log."""
+    from bco_ray import serve
+    from bco_ray.ingest import prepare
+
+    c, url = server["client"], server["url"]
+    chat = c.chat.completions.create(model="bco-ray", messages=[{"role": "user", "content": "Tell me a joke"}],
+                                     max_tokens=6, temperature=0.7, seed=1, n=2)
+    text = c.completions.create(model="bco-ray", prompt="The capital of France is", max_tokens=6, temperature=0)
+    assert post(f"{url}/feedback", {"id": chat.id, "label": "thumbs_up", "comment": "funny"})[0] == 200
+    assert post(f"{url}/feedback", {"id": chat.id, "label": "down", "index": 1})[0] == 200
+    assert post(f"{url}/feedback", {"id": text.id, "label": False})[0] == 200  # the 3rd row: stays buffered
+    assert post(f"{url}/feedback", {"id": chat.id, "label": "up", "index": 5})[0] == 400
+    serve.stop()  # graceful: the buffered row is flushed
+    log = server["root"] / "feedback"
+    cfg = load_config(None, ["--model.policy", "tiny-llama", "--udm.enabled", "false", "--ingest.input", str(log),
+                             "--ingest.eval_fraction", "0", "--run.run_dir", str(server["root"] / "prep")])
+    m = prepare(cfg)
+    assert m["rows_read"] == 3 and m["kept"] == 3 and m["quarantined"] == 0, m
+    import pyarrow.dataset as pads
+
+    rows = pads.dataset(str(server["root"] / "prep" / "prepared" / "data")).to_table().to_pylist()
+    by_completion = {r["completion"]: r for r in rows}
+    assert by_completion[chat.choices[0].message.content]["label"] is True
+    assert by_completion[chat.choices[1].message.content]["label"] is False
+    assert by_completion[text.choices[0].text]["label"] is False
+    assert by_completion[chat.choices[0].message.content]["prompt_messages"]  # a chat row stays a chat
