@@ -54,7 +54,7 @@ class FeedbackWriter:
         with self.lock:
             self.served[completion_id] = {"prompt": prompt, "completions": completions, "model": model,
                                           "model_version": model_version,
-                                          "served_at": dt.datetime.now(dt.timezone.utc)}
+                                          "served_at": dt.datetime.now(dt.UTC)}
             while len(self.served) > self.max_served:
                 self.served.popitem(last=False)
 
@@ -70,7 +70,7 @@ class FeedbackWriter:
                    "label": "thumbs_up" if thumbs_up else "thumbs_down", "completion_id": completion_id,
                    "choice_index": index, "model": served["model"], "model_version": served["model_version"],
                    "comment": comment, "served_at": served["served_at"],
-                   "feedback_at": dt.datetime.now(dt.timezone.utc)}
+                   "feedback_at": dt.datetime.now(dt.UTC)}
             self.buffer.append(row)
             self.oldest = self.oldest or time.monotonic()
             due = len(self.buffer) >= self.flush_rows

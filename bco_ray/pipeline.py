@@ -60,8 +60,29 @@ def stage_train(cfg: Config, run_dir: Path) -> dict:
             "final_eval": card["final_eval"]}
 
 
+def stage_serve(cfg: Config, run_dir: Path) -> dict:
+    """Serve the exported model, answer one chat request over HTTP, stop (the smoke test a
+    user would do by hand); `bco-ray serve` keeps it running."""
+    import openai
+
+    from bco_ray import serve
+
+    url = serve.start(cfg)
+    try:
+        key = (list(cfg.serve.api_keys) or ["none"])[0]
+        client = openai.OpenAI(base_url=url, api_key=key, max_retries=2)
+        question = "How do I reset my password?"
+        r = client.chat.completions.create(model=cfg.serve.model_name, max_tokens=48, temperature=0,
+                                           messages=[{"role": "user", "content": question}])
+        answer = r.choices[0].message.content
+        print(f"[bco-ray] {url}/chat/completions answered:\n  Q: {question}\n  A: {answer}", flush=True)
+    finally:
+        serve.stop()
+    return {"url": url, "question": question, "answer": answer, "usage": r.usage.model_dump()}
+
+
 STAGES = [("assets", stage_assets), ("prepare", stage_prepare), ("score-ref", stage_score_ref),
-          ("train", stage_train)]
+          ("train", stage_train), ("serve", stage_serve)]
 
 
 def align(cfg: Config) -> dict:

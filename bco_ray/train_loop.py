@@ -33,6 +33,8 @@ def build_policy(cfg: Config, device: torch.device, world: int):
     tc = cfg.train
     lm, tok = load_causal_lm(cfg.model.policy, "float32", cfg.model.cache_dir, cfg.model.trust_remote_code)
     lm.config.use_cache = False
+    if tc.lora_r:
+        lm = get_peft_model(lm, lora_config(tc))
     if tc.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lm.to(device)
@@ -57,6 +59,21 @@ def build_policy(cfg: Config, device: torch.device, world: int):
         for layer in layers:
             layer.compile()
     return policy, lm, tok, autocast
+
+
+def lora_config(tc):
+    from peft import LoraConfig
+
+    return LoraConfig(r=tc.lora_r, lora_alpha=tc.lora_alpha, lora_dropout=tc.lora_dropout,
+                      target_modules=list(tc.lora_targets), task_type="CAUSAL_LM")
+
+
+def get_peft_model(lm, config):
+    try:
+        from peft import get_peft_model as wrap
+    except ImportError as e:
+        raise ImportError("train.lora_r > 0 needs PEFT: pip install 'bco-ray[lora]'") from e
+    return wrap(lm, config)
 
 
 def lr_lambda(tc, total_steps: int):
@@ -107,9 +124,13 @@ def export_model(policy, lm, tok, cfg: Config, rank: int, out_dir: str) -> None:
         return
     weights = {k.removeprefix("lm."): v for k, v in full.items()}
     fresh = AutoModelForCausalLM.from_config(lm.config, dtype=torch.float32)
+    if cfg.train.lora_r:
+        fresh = get_peft_model(fresh, lora_config(cfg.train))
     missing, unexpected = fresh.load_state_dict(weights, strict=False)
     if unexpected or [k for k in missing if "lm_head" not in k]:
         raise RuntimeError(f"export: weights do not fit the model (missing {missing}, unexpected {unexpected})")
+    if cfg.train.lora_r:
+        fresh = fresh.merge_and_unload()  # a plain model: serving needs no PEFT
     fresh.config.use_cache = True
     fresh.save_pretrained(out_dir, safe_serialization=True)
     tok.save_pretrained(out_dir)
@@ -151,7 +172,7 @@ def worker_loop(config: dict) -> None:
 
     policy, lm, tok, autocast = build_policy(cfg, device, world)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    opt = torch.optim.AdamW(policy.parameters(), lr=tc.lr, betas=tuple(tc.adam_betas), weight_decay=tc.weight_decay,
+    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=tc.lr, betas=tuple(tc.adam_betas), weight_decay=tc.weight_decay,
                             fused=device.type == "cuda")
     total = config["total_steps"]
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tc, total))

@@ -14,14 +14,24 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.ray
 @pytest.mark.slow
 def test_align_on_the_demo_config(ray_local, tmp_path):
+    import pyarrow.parquet as pq
+
     cfg = load_config(ROOT / "configs" / "demo.yaml",
                       ["--run.run_dir", str(tmp_path / "run"), "--model.policy", "tiny-llama",
-                       "--ingest.input", str(ROOT / "data" / "demo_feedback"), "--udm.sample_size", "256"])
+                       "--ingest.input", str(ROOT / "data" / "demo_feedback"), "--udm.sample_size", "256",
+                       "--train.max_steps", "3", "--train.eval_every", "0", "--serve.port", "18731"])
     manifest = align(cfg)
     saved = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert saved == json.loads(json.dumps(manifest))
     assert saved["stages"]["assets"]["policy"]["path"].endswith("tiny-llama")
     prep = saved["stages"]["prepare"]
-    assert prep["rows_read"] == 2024 and prep["kept"] > 1800
+    day = ROOT / "data" / "demo_feedback" / "date=2026-11-03"  # the demo config reads its last day
+    assert prep["rows_read"] == sum(pq.ParquetFile(f).metadata.num_rows for f in day.glob("*.parquet"))
     assert prep["examples"] == prep["kept"] + prep["quarantined"] + prep["deduplicated"]
-    assert prep["udm"]["enabled"] and prep["udm"]["train_auc"] > 0.6
+    assert prep["udm"]["enabled"]
+    score = saved["stages"]["score-ref"]
+    assert score["rows_in"] == prep["kept"] == score["scored"] + score["quarantined"]
+    assert score["backend"] == "hf" and score["dtype"] == "bfloat16"
+    train = saved["stages"]["train"]
+    assert train["steps"] == 3 and Path(train["model"], "model.safetensors").exists()
+    assert saved["stages"]["serve"]["usage"]["completion_tokens"] > 0

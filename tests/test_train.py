@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from bco_ray.config import load_config
@@ -103,3 +104,15 @@ def test_a_killed_worker_is_replaced_and_the_run_resumes_from_its_checkpoint(sco
     assert faulty["history"][-1]["loss"] == pytest.approx(full["history"][-1]["loss"], abs=1e-5)
     wa, wb = weights(full["model"]), weights(faulty["model"])
     assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-5
+
+
+def test_lora_trains_adapters_only_and_exports_them_merged(scored, tmp_path):
+    from bco_ray.assets import resolve_model
+
+    card = run(scored, tmp_path, "--train.lora_r", "4", "--train.lora_targets", "[q_proj, v_proj]",
+               "--train.max_steps", "2")
+    assert card["steps"] == 2 and card["history"][0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # B = 0: log 2
+    base, tuned = weights(str(resolve_model("tiny-llama"))), weights(card["model"])
+    assert tuned.keys() == base.keys()  # merged: a plain model, no adapter keys
+    changed = {k for k in base if not torch.equal(base[k], tuned[k])}
+    assert changed and all(("q_proj" in k or "v_proj" in k) for k in changed), changed
