@@ -32,9 +32,9 @@ def local_model_dir(uri: str, cfg: Config) -> str:
     target = cache_root(cfg.model.cache_dir) / "served" / hashlib.sha256(uri.encode()).hexdigest()[:16]
     if not (target / "config.json").exists():
         fs, path = storage.filesystem(uri, cfg.storage)
-        tmp = tempfile.mkdtemp(dir=target.parent if target.parent.exists() else None)
-        pafs.copy_files(path, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
         target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=target.parent)  # same filesystem: the rename below is atomic
+        pafs.copy_files(path, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
         os.replace(tmp, target)
     return str(target)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import sys
 import tempfile
 import time
 
@@ -136,6 +137,13 @@ def export_model(policy, lm, tok, cfg: Config, rank: int, out_dir: str) -> None:
     tok.save_pretrained(out_dir)
 
 
+def say(line: str) -> None:
+    """One console line from a worker. Not print(): Ray Train 2.60 patches print in workers
+    and, when stdout is wrapped, emits each line twice (to the stream and its logger)."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def _improved(state: dict, ev: dict) -> bool:
     """Is this eval the best so far (lowest eval loss)? Records it."""
     best = state.get("best_eval_loss")
@@ -184,7 +192,7 @@ def worker_loop(config: dict) -> None:
         with ckpt.as_directory() as d:
             state.update(checkpoint.load(d, policy, opt, sched, shift, rank, world, tc.strategy))
         if rank == 0:
-            print(f"[train] resumed from step {state['step']} (delta {shift.value:+.4f})", flush=True)
+            say(f"[train] resumed from step {state['step']} (delta {shift.value:+.4f})")
     tracker = Tracker(cfg, config["tracking_uri"], state["mlflow_run_id"]) if rank == 0 else None
     if tracker is not None:
         state["mlflow_run_id"] = tracker.run_id
@@ -215,7 +223,7 @@ def worker_loop(config: dict) -> None:
             export_model(policy, lm, tok, cfg, rank, d)
             if rank == 0:
                 storage.upload_dir(d, config["export"], cfg.storage)
-                print(f"[train] exported the model at step {state['step']} to {config['export']}", flush=True)
+                say(f"[train] exported the model at step {state['step']} to {config['export']}")
         state["exported_step"], state["exported_eval"] = state["step"], ev
 
     policy.train()
@@ -243,7 +251,7 @@ def worker_loop(config: dict) -> None:
                 open(config["fail_marker"], "w").close()
                 os.kill(os.getpid(), signal.SIGKILL)  # a worker dies mid-run (the fault-tolerance test)
             if rank == 0 and (step % tc.log_every == 0 or step == total):
-                print(_progress(step, total, metrics), flush=True)
+                say(_progress(step, total, metrics))
                 tracker.log(metrics, step)
             if tc.eval_every and step % tc.eval_every == 0 and step < total:
                 ev = run_eval()
@@ -260,8 +268,8 @@ def worker_loop(config: dict) -> None:
     state["eval"].append(ev)
     if rank == 0:
         tracker.log(ev, step)
-        print(f"[train] eval at step {step}: loss {ev['eval/loss']:.4f} | reward accuracy "
-              f"{ev['eval/reward_accuracy']:.3f} | margin {ev['eval/rewards/margin']:+.4f}", flush=True)
+        say(f"[train] eval at step {step}: loss {ev['eval/loss']:.4f} | reward accuracy "
+            f"{ev['eval/reward_accuracy']:.3f} | margin {ev['eval/rewards/margin']:+.4f}")
     if tc.export_which == "final" or _improved(state, ev):
         export(ev)
     save_and_report({**metrics, **ev})

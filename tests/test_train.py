@@ -116,3 +116,28 @@ def test_lora_trains_adapters_only_and_exports_them_merged(scored, tmp_path):
     assert tuned.keys() == base.keys()  # merged: a plain model, no adapter keys
     changed = {k for k in base if not torch.equal(base[k], tuned[k])}
     assert changed and all(("q_proj" in k or "v_proj" in k) for k in changed), changed
+
+
+def test_checkpoints_and_export_on_s3_and_the_model_serves_from_there(scored, tmp_path, s3_endpoint):
+    """Checkpoints and the exported model live on a real S3 server (moto); the export is
+    then downloaded the way `bco-ray serve --serve.model s3://...` does, and loads."""
+    import pyarrow.fs as pafs
+    from transformers import AutoModelForCausalLM
+
+    from bco_ray.serve import local_model_dir
+
+    s3 = ["--storage.endpoint_url", s3_endpoint, "--storage.access_key_id", "testing",
+          "--storage.secret_access_key", "testing", "--storage.region", "us-east-1"]
+    card = run(scored, tmp_path, *s3, "--train.storage", "s3://logs/ckpt", "--train.export", "s3://logs/models/m1",
+               "--train.max_steps", "2", "--model.cache_dir", str(tmp_path / "cache"))
+    assert card["model"] == "s3://logs/models/m1" and card["checkpoint"].startswith("logs/ckpt/")
+    fs = pafs.S3FileSystem(endpoint_override=s3_endpoint.removeprefix("http://"), scheme="http",
+                           access_key="testing", secret_key="testing", region="us-east-1")
+    names = {i.base_name for i in fs.get_file_info(pafs.FileSelector("logs/models/m1"))}
+    assert {"model.safetensors", "config.json", "tokenizer.json", "run_card.json", "README.md"} <= names
+    ckpt = {i.base_name for i in fs.get_file_info(pafs.FileSelector(card["checkpoint"]))}
+    assert {"rank0.safetensors", "rank1.safetensors", "state.json"} <= ckpt  # each worker's shard, merged
+    cfg = load_config(None, TINY + s3 + ["--model.cache_dir", str(tmp_path / "cache")])
+    local = local_model_dir("s3://logs/models/m1", cfg)
+    assert AutoModelForCausalLM.from_pretrained(local) is not None
+    assert local_model_dir("s3://logs/models/m1", cfg) == local  # downloaded once
