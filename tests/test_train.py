@@ -16,7 +16,8 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 # 2 workers x micro 2 x accum 2 = 8 rows per step; 4 steps.
 TRAIN = ["--train.micro_batch_size", "2", "--train.grad_accum", "2", "--train.max_steps", "4",
          "--train.lr", "1e-3", "--train.warmup_ratio", "0", "--train.checkpoint_every", "2",
-         "--train.tracking_uri", "none", "--objective.beta", "0.5"]
+         "--train.tracking_uri", "none", "--objective.beta", "0.5",
+         "--train.eval_every", "2"]  # an eval right before each checkpoint (FSDP2's root stays unsharded)
 
 
 @pytest.fixture(scope="module")

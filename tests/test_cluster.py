@@ -1,0 +1,88 @@
+"""cluster/ manifests: parsed, and the fields that must agree with the code checked, so they
+cannot rot silently (image's Ray version, entrypoints, config files, ports, resources)."""
+
+import importlib
+import re
+import shlex
+from pathlib import Path
+
+import yaml
+
+from bco_ray.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+RAY_PIN = re.search(r'"ray\[[^\]]+\]==([\d.]+)"', (ROOT / "pyproject.toml").read_text()).group(1)
+
+
+def load(rel):
+    return yaml.safe_load((ROOT / rel).read_text())
+
+
+def containers(cluster_spec):
+    groups = [cluster_spec["headGroupSpec"]] + cluster_spec.get("workerGroupSpecs", [])
+    return [c for g in groups for c in g["template"]["spec"]["containers"]], groups
+
+
+def check_cluster_spec(spec):
+    assert spec["rayVersion"] == RAY_PIN
+    cs, groups = containers(spec)
+    image = cs[0]["image"]
+    assert all(c["image"] == image for c in cs)  # one image everywhere
+    gpu = [g for g in groups[1:] if g["rayStartParams"].get("num-gpus") == "1"]
+    assert gpu, "a GPU worker group"
+    for g in gpu:
+        limits = g["template"]["spec"]["containers"][0]["resources"]["limits"]
+        assert limits["nvidia.com/gpu"] == "1"
+    head_ports = {p["containerPort"] for p in groups[0]["template"]["spec"]["containers"][0].get("ports", [])}
+    return head_ports
+
+
+def test_dockerfile_builds_on_the_pinned_ray():
+    text = (ROOT / "cluster" / "Dockerfile").read_text()
+    assert f"FROM rayproject/ray:{RAY_PIN}-py311-gpu" in text
+
+
+def test_raycluster():
+    doc = load("cluster/kuberay/raycluster.yaml")
+    assert doc["kind"] == "RayCluster" and doc["apiVersion"] == "ray.io/v1"
+    ports = check_cluster_spec(doc["spec"])
+    assert {6379, 8265, 10001, 8000} <= ports
+
+
+def test_rayjob_runs_the_align_entrypoint_with_a_valid_config():
+    doc = load("cluster/kuberay/rayjob.yaml")
+    assert doc["kind"] == "RayJob"
+    check_cluster_spec(doc["spec"]["rayClusterSpec"])
+    argv = shlex.split(doc["spec"]["entrypoint"])
+    assert argv[:2] == ["python", "jobs/align.py"] and (ROOT / argv[1]).exists()
+    config = argv[argv.index("--config") + 1]
+    load_config(ROOT / config, argv[argv.index("--config") + 2:])  # the job's config validates
+    assert "import" in (ROOT / "jobs" / "align.py").read_text() and "align" in (ROOT / "jobs" / "align.py").read_text()
+
+
+def test_rayservice_imports_the_serve_builder():
+    doc = load("cluster/kuberay/rayservice.yaml")
+    assert doc["kind"] == "RayService"
+    check_cluster_spec(doc["spec"]["rayClusterConfig"])
+    serve_cfg = yaml.safe_load(doc["spec"]["serveConfigV2"])
+    app = serve_cfg["applications"][0]
+    module, attr = app["import_path"].split(":")
+    builder = getattr(importlib.import_module(module), attr)
+    assert callable(builder)
+    cfg = load_config(ROOT / app["args"]["config"], app["args"]["overrides"])
+    assert cfg.serve.host == "0.0.0.0" and serve_cfg["http_options"]["port"] == cfg.serve.port == 8000
+
+
+def test_aws_launcher_has_a_gpu_node_type_and_the_image():
+    doc = load("cluster/aws/cluster.yaml")
+    assert doc["provider"]["type"] == "aws"
+    assert doc["docker"]["image"] == load("cluster/kuberay/raycluster.yaml")["spec"]["headGroupSpec"]["template"][
+        "spec"]["containers"][0]["image"]
+    gpu = [t for t in doc["available_node_types"].values() if t["resources"].get("GPU")]
+    assert gpu and doc["head_node_type"] in doc["available_node_types"]
+
+
+def test_local_head_script_binds_loopback():
+    text = (ROOT / "cluster" / "local" / "start-head.sh").read_text()
+    assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0" in text and "--node-ip-address 127.0.0.1" in text
+    assert "--dashboard-host 127.0.0.1" in text

@@ -1,0 +1,127 @@
+"""The align job on real clusters: through the Jobs API of a head started by the test
+(`ray start --head` on 127.0.0.1), and on a 2-node cluster with a training worker on each node."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def job_args(run_dir, serve_port):
+    return ["--config", "configs/demo.yaml", "--model.policy", "tiny-llama", "--run.run_dir", str(run_dir),
+            "--udm.sample_size", "128", "--train.max_steps", "4", "--train.checkpoint_every", "2",
+            "--train.eval_every", "0", "--train.max_failures", "0", "--serve.port", str(serve_port),
+            "--ray.auth", "disabled"]
+
+
+@pytest.fixture(scope="module")
+def head():
+    """A Ray head on 127.0.0.1 in its own process group (stopped by signal, not `ray stop`,
+    which would stop every Ray cluster of this user, the test session's included)."""
+    dash = free_port()
+    temp = f"/tmp/bch-{os.getpid()}"
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled",
+           "PATH": f"{BIN}:{os.environ['PATH']}"}
+    proc = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+                             "--port", str(free_port()), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
+                             "--num-cpus", "2", "--temp-dir", temp, "--include-dashboard", "true"],
+                            env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{dash}"
+    for _ in range(120):
+        try:
+            urllib.request.urlopen(f"{url}/api/version", timeout=2)
+            break
+        except OSError:
+            time.sleep(1)
+    else:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise RuntimeError("the Ray head did not start")
+    yield url, env
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_align_job_fails_in_train_and_the_resubmitted_job_resumes_without_redoing_stages(head, tmp_path):
+    url, env = head
+    run_dir = tmp_path / "run"
+    port = free_port()
+    # 1. bco-ray submit, with a fault drill: a worker dies at step 3, no retries: the job fails.
+    first = subprocess.run([str(BIN / "bco-ray"), "submit", "--address", url, "--env", "BCO_RAY_FAULT_DRILL_STEP=3",
+                            *job_args(run_dir, port)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 1, first.stdout[-3000:]
+    assert "submitted job" in first.stdout and "FAILED" in first.stdout
+    done = json.loads((run_dir / "manifest.json").read_text())["stages"]
+    assert {"prepare", "score-ref"} <= done.keys() and "train" not in done
+
+    # 2. The same job through plain `ray job submit`: prepare and score-ref are skipped,
+    # training resumes from its step-2 checkpoint and the job ends by answering over HTTP.
+    second = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", url, "--working-dir", ".",
+                             "--runtime-env-json", json.dumps({"excludes": [".venv", ".git", "runs"]}), "--",
+                             "python", "jobs/align.py", *job_args(run_dir, port)],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stdout[-3000:]
+    assert "resumed from step 2" in second.stdout
+    stages = json.loads((run_dir / "manifest.json").read_text())["stages"]
+    assert stages["prepare"]["skipped"] and stages["score-ref"]["skipped"]
+    assert stages["train"]["steps"] == 4 and not stages["train"].get("skipped")
+    assert stages["serve"]["answer"] is not None
+    card = json.loads((run_dir / "model" / "run_card.json").read_text())
+    assert [h["step"] for h in card["history"]] == [1, 2, 3, 4]
+    assert (run_dir / "report" / "report.md").exists() and (run_dir / "report" / "training.png").exists()
+
+
+TWO_NODES = r"""
+import json, os, sys
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+os.environ["RAY_AUTH_MODE"] = "disabled"
+from ray.cluster_utils import Cluster
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+cluster.add_node(num_cpus=1)
+import ray
+ray.init(address=cluster.address)
+from bco_ray.config import load_config
+from bco_ray.pipeline import align
+cfg = load_config("configs/demo.yaml", sys.argv[3:])
+m = align(cfg)
+card = json.load(open(os.path.join(sys.argv[1], "model", "run_card.json")))
+print("RESULT " + json.dumps({"nodes": [n["NodeID"] for n in ray.nodes() if n["Alive"]],
+                              "workers": card["worker_nodes"], "steps": card["steps"]}))
+ray.shutdown()
+cluster.shutdown()
+"""
+
+
+def test_align_on_a_two_node_cluster_with_a_training_worker_on_each_node(tmp_path):
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    args = job_args(run_dir, free_port())[2:]  # without --config (the script loads it)
+    args = [a for a in args if a not in ("--ray.auth", "disabled")]
+    p = subprocess.run([sys.executable, "-c", TWO_NODES, str(run_dir), f"/tmp/bc2-{os.getpid()}", *args,
+                        "--train.placement", "SPREAD", "--ingest.num_cpus_per_task", "0.25",
+                        "--score.num_cpus_per_actor", "0.25", "--train.cpus_per_worker", "0.25"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
+    assert p.returncode == 0 and line, (p.stdout[-3000:], p.stderr[-3000:])
+    r = json.loads(line[0][7:])
+    assert len(set(r["nodes"])) == 2 and set(r["workers"]) == set(r["nodes"])  # one worker per node
+    assert r["steps"] == 4
