@@ -7,6 +7,7 @@ assets -> prepare -> udm -> score-ref -> train -> serve.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import platform
@@ -115,9 +116,9 @@ def _output_exists(name: str, cfg: Config, run_dir: Path) -> bool:
 
     where = {"prepare": (cfg.ingest.output or str(run_dir / "prepared"), "manifest.json"),
              "score-ref": (cfg.score.output or str(run_dir / "scored"), "manifest.json"),
-             "train": (cfg.train.export or str(run_dir / "model"), "run_card.json")}[name]
+             "train": (cfg.train.export or str(run_dir / "model"), "run_card.json", "config.json")}[name]
     fs, path = storage.filesystem(where[0], cfg.storage)
-    return storage.exists(fs, storage.join(path, where[1]))
+    return all(storage.exists(fs, storage.join(path, f)) for f in where[1:])
 
 
 def align(cfg: Config) -> dict:
@@ -129,8 +130,10 @@ def align(cfg: Config) -> dict:
     path = run_dir / "manifest.json"
     previous = json.loads(path.read_text()).get("stages", {}) if path.exists() else {}
     init_ray(cfg.ray)
+    # Stages not reached yet keep their previous entries (a crash before them must not make
+    # the next run redo them; their keys are checked again anyway).
     manifest = {"bco_ray_version": __version__, "python": platform.python_version(),
-                "config": to_dict(cfg), "stages": {}}
+                "config": to_dict(cfg), "stages": dict(previous)}
     keys: dict = {}
     for name, fn in STAGES:
         t0 = time.time()
@@ -138,10 +141,16 @@ def align(cfg: Config) -> dict:
         before = previous.get(name, {})
         if key is not None and before.get("key") == key and _output_exists(name, cfg, run_dir):
             manifest["stages"][name] = {**before, "skipped": True}
+            path.write_text(json.dumps(manifest, indent=2))
             print(f"[bco-ray] stage {name}: unchanged since the last run, skipped", flush=True)
             continue
         print(f"[bco-ray] stage {name} ...", flush=True)
-        summary = fn(cfg, run_dir)
+        stage_cfg = cfg
+        if name == "train":
+            # Ray Train resumes any run of the same name; tie the name to the inputs and
+            # config, so a rerun resumes only the same training, never a stale one.
+            stage_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, name=f"{cfg.train.name}-{key[:8]}"))
+        summary = fn(stage_cfg, run_dir)
         manifest["stages"][name] = {"key": key, "seconds": round(time.time() - t0, 2), **summary}
         path.write_text(json.dumps(manifest, indent=2))
         print(f"[bco-ray] stage {name} done in {time.time() - t0:.1f}s", flush=True)

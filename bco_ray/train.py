@@ -114,6 +114,8 @@ def train(cfg: Config, _fail_at_step: int | None = None, _fail_marker: str | Non
     resources = {"CPU": tc.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
     store_fs, store_path = storage.filesystem(tc.storage or storage.join(cfg.run.run_dir, "train"), cfg.storage)
     export_uri = tc.export or storage.join(cfg.run.run_dir, "model")
+    if not storage.is_s3(export_uri):  # workers run in their own working directories
+        export_uri = os.path.abspath(export_uri)
     tracking = tc.tracking_uri
     if tracking is None:
         tracking = "file:" + os.path.abspath(storage.join(cfg.run.run_dir, "mlruns"))

@@ -13,11 +13,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_align_on_the_demo_config(ray_local, tmp_path):
+def test_align_on_the_demo_config(ray_local, tmp_path, monkeypatch):
     import pyarrow.parquet as pq
 
+    monkeypatch.chdir(tmp_path)  # a relative run_dir, as in the demo: workers have other working dirs
     cfg = load_config(ROOT / "configs" / "demo.yaml",
-                      ["--run.run_dir", str(tmp_path / "run"), "--model.policy", "tiny-llama",
+                      ["--run.run_dir", "run", "--model.policy", "tiny-llama",
                        "--ingest.input", str(ROOT / "data" / "demo_feedback"), "--udm.sample_size", "256",
                        "--train.max_steps", "3", "--train.eval_every", "0", "--serve.port", "18731"])
     manifest = align(cfg)
@@ -34,4 +35,10 @@ def test_align_on_the_demo_config(ray_local, tmp_path):
     assert score["backend"] == "hf" and score["dtype"] == "bfloat16"
     train = saved["stages"]["train"]
     assert train["steps"] == 3 and Path(train["model"], "model.safetensors").exists()
+    assert Path(train["model"]) == tmp_path / "run" / "model"
     assert saved["stages"]["serve"]["usage"]["completion_tokens"] > 0
+    assert (tmp_path / "run" / "report" / "report.md").exists() and (tmp_path / "run" / "report" / "training.png").exists()
+    # Rerun: the unchanged stages are skipped, and the job still ends with a served answer.
+    again = align(cfg)
+    assert all(again["stages"][s]["skipped"] for s in ("prepare", "score-ref", "train"))
+    assert again["stages"]["serve"]["answer"] == saved["stages"]["serve"]["answer"]  # greedy, same model
