@@ -102,3 +102,24 @@ def load(directory: str, policy, optimizer, scheduler, shift, rank: int, world: 
         group["lr"] = lr  # the scheduler sets it only at its next step
     shift.load_state_dict(doc["reward_shift"])
     return doc
+
+
+def latest_complete(fs, run_path: str, world: int) -> str | None:
+    """The newest checkpoint directory under a Ray Train run's storage path that holds every
+    worker's file and state.json, registered or not.
+
+    Ray Train registers a reported checkpoint when its controller processes the report; a
+    worker that dies right after reporting can take the registration with it, though the
+    files are complete in storage. Resuming from those files loses nothing."""
+    import pyarrow.fs as pafs
+
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(run_path))
+    except (FileNotFoundError, OSError):
+        return None
+    for d in sorted((i.path for i in infos if i.type == pafs.FileType.Directory
+                     and i.base_name.startswith("checkpoint_")), reverse=True):
+        names = {i.base_name for i in fs.get_file_info(pafs.FileSelector(d))}
+        if "state.json" in names and all(f"rank{r}.safetensors" in names for r in range(world)):
+            return d
+    return None

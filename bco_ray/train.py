@@ -108,11 +108,16 @@ def train(cfg: Config, _fail_at_step: int | None = None, _fail_marker: str | Non
     for split in ("train", "eval"):
         ds = base.map_batches(_split, fn_kwargs={"split": split, "columns": columns, "seed": cfg.run.seed},
                               batch_format="pyarrow", num_cpus=cpus)
-        datasets[split] = ds.sort("_order").drop_columns(["_order"])
+        # Sorted once, here, while the cluster's CPUs are free: the workers then only fetch
+        # blocks (a sort per worker per epoch would also need CPUs the workers hold).
+        datasets[split] = ds.sort("_order").drop_columns(["_order"]).materialize()
 
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0 if tc.use_gpu is None else tc.use_gpu
     resources = {"CPU": tc.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
-    store_fs, store_path = storage.filesystem(tc.storage or storage.join(cfg.run.run_dir, "train"), cfg.storage)
+    store_uri = tc.storage or storage.join(cfg.run.run_dir, "train")
+    if not storage.is_s3(store_uri):
+        store_uri = os.path.abspath(store_uri)
+    store_fs, store_path = storage.filesystem(store_uri, cfg.storage)
     export_uri = tc.export or storage.join(cfg.run.run_dir, "model")
     if not storage.is_s3(export_uri):  # workers run in their own working directories
         export_uri = os.path.abspath(export_uri)
@@ -124,7 +129,7 @@ def train(cfg: Config, _fail_at_step: int | None = None, _fail_marker: str | Non
     trainer = TorchTrainer(
         worker_loop,
         train_loop_config={"cfg": to_dict(cfg), **p, "eval_units": counts["eval"]["units"], "export": export_uri,
-                           "tracking_uri": tracking, "fail_at_step": _fail_at_step, "fail_marker": _fail_marker},
+                           "tracking_uri": tracking, "storage_uri": store_uri, "fail_at_step": _fail_at_step, "fail_marker": _fail_marker},
         scaling_config=ray.train.ScalingConfig(num_workers=tc.num_workers, use_gpu=use_gpu,
                                                resources_per_worker=resources, placement_strategy=tc.placement),
         run_config=ray.train.RunConfig(

@@ -189,9 +189,22 @@ def worker_loop(config: dict) -> None:
 
     state = {"step": 0, "history": [], "eval": [], "best_eval_loss": None, "mlflow_run_id": None}
     ckpt = ray.train.get_checkpoint()
-    if ckpt:
-        with ckpt.as_directory() as d:
-            state.update(checkpoint.load(d, policy, opt, sched, shift, rank, world, tc.strategy))
+    orphan = None
+    if ckpt is None:
+        fs, run_path = storage.filesystem(config["storage_uri"], cfg.storage)
+        orphan = checkpoint.latest_complete(fs, storage.join(run_path, tc.name), world)
+    if ckpt or orphan:
+        if ckpt:
+            with ckpt.as_directory() as d:
+                state.update(checkpoint.load(d, policy, opt, sched, shift, rank, world, tc.strategy))
+        else:
+            import pyarrow.fs as pafs
+
+            with tempfile.TemporaryDirectory() as d:
+                pafs.copy_files(orphan, d, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+                state.update(checkpoint.load(d, policy, opt, sched, shift, rank, world, tc.strategy))
+            if rank == 0:
+                say(f"[train] {orphan}: complete but unregistered (a worker died right after reporting it)")
         if rank == 0:
             say(f"[train] resumed from step {state['step']} (delta {shift.value:+.4f})")
     nodes: list = [ray.get_runtime_context().get_node_id()] * world  # where the workers run (run card)

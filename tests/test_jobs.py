@@ -117,7 +117,7 @@ def test_align_on_a_two_node_cluster_with_a_training_worker_on_each_node(tmp_pat
     args = job_args(run_dir, free_port())[2:]  # without --config (the script loads it)
     args = [a for a in args if a not in ("--ray.auth", "disabled")]
     p = subprocess.run([sys.executable, "-c", TWO_NODES, str(run_dir), f"/tmp/bc2-{os.getpid()}", *args,
-                        "--train.placement", "SPREAD", "--ingest.num_cpus_per_task", "0.25",
+                        "--train.placement", "SPREAD", "--udm.enabled", "false", "--ingest.num_cpus_per_task", "0.25",
                         "--score.num_cpus_per_actor", "0.25", "--train.cpus_per_worker", "0.25"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
