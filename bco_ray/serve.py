@@ -26,7 +26,7 @@ def local_model_dir(uri: str, cfg: Config) -> str:
     if not storage.is_s3(uri):
         from bco_ray.assets import resolve_model
 
-        return str(resolve_model(uri, cfg.model.cache_dir))
+        return str(resolve_model(uri, cfg.model.cache_dir).resolve())  # replicas have other working dirs
     from bco_ray.assets import cache_root
 
     target = cache_root(cfg.model.cache_dir) / "served" / hashlib.sha256(uri.encode()).hexdigest()[:16]
@@ -57,7 +57,10 @@ def build_app(cfg: Config):
     scaling = {"autoscaling_config": {"min_replicas": 1, "max_replicas": sc.autoscale_max_replicas,
                                       "target_ongoing_requests": max(1, sc.max_ongoing_requests // 2)}} \
         if sc.autoscale_max_replicas else {"num_replicas": sc.num_replicas}
-    log = FeedbackLog.bind(sc.feedback_log or storage.join(cfg.run.run_dir, "feedback"), to_dict(cfg.storage),
+    feedback = sc.feedback_log or storage.join(cfg.run.run_dir, "feedback")
+    if not storage.is_s3(feedback):
+        feedback = os.path.abspath(feedback)  # the log's replica has its own working dir
+    log = FeedbackLog.bind(feedback, to_dict(cfg.storage),
                            sc.feedback_flush_rows, sc.feedback_flush_seconds, sc.served_cache_size)
     server = OpenAIServer.options(max_ongoing_requests=sc.max_ongoing_requests,
                                   max_queued_requests=sc.max_queued_requests,

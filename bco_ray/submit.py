@@ -39,8 +39,16 @@ def submit(address: str, config: str | None, overrides: list[str], working_dir: 
     if pip:
         runtime_env["pip"] = pip
     client = JobSubmissionClient(address)
-    job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env,
-                               metadata={"tool": "bco-ray", "user": os.environ.get("USER", "")})
+    deadline = time.time() + 120
+    while True:
+        try:
+            job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env,
+                                       metadata={"tool": "bco-ray", "user": os.environ.get("USER", "")})
+            break
+        except RuntimeError as e:  # a head that just started answers before its job agent is up
+            if "No available agent" not in str(e) or time.time() > deadline:
+                raise
+            time.sleep(2)
     print(f"[bco-ray] submitted job {job_id} to {address}: {entrypoint}", flush=True)
     if not follow:
         return 0

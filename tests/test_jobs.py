@@ -44,9 +44,9 @@ def head():
                              "--num-cpus", "2", "--temp-dir", temp, "--include-dashboard", "true"],
                             env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{dash}"
-    for _ in range(120):
+    for _ in range(120):  # the Jobs API answers once the head's job agent is up
         try:
-            urllib.request.urlopen(f"{url}/api/version", timeout=2)
+            urllib.request.urlopen(f"{url}/api/jobs/", timeout=2)
             break
         except OSError:
             time.sleep(1)
