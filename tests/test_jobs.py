@@ -41,7 +41,12 @@ def head():
            "PATH": f"{BIN}:{os.environ['PATH']}"}
     proc = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
                              "--port", str(free_port()), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
-                             "--num-cpus", "2", "--temp-dir", temp, "--include-dashboard", "true"],
+                             "--num-cpus", "2", "--temp-dir", temp, "--include-dashboard", "true",
+                             # the session's own cluster holds Ray's default agent ports (52365, ...):
+                             # a second cluster's job agent could not bind them and never came up
+                             "--dashboard-agent-listen-port", str(free_port()),
+                             "--dashboard-agent-grpc-port", str(free_port()),
+                             "--runtime-env-agent-port", str(free_port()), "--metrics-export-port", str(free_port())],
                             env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{dash}"
     for _ in range(120):  # the Jobs API answers once the head's job agent is up
