@@ -99,10 +99,8 @@ def stage_key(name: str, cfg: Config, keys: dict) -> str | None:
         from bco_ray import storage
 
         fs, path = storage.filesystem(cfg.ingest.input, cfg.storage)
-        files = storage.list_parquet(fs, path)
-        # relative names: the same logs unpacked elsewhere (a job's working_dir) are the same input
-        listing = [(f[len(path):], i.size) for f, i in zip(files, fs.get_file_info(files), strict=True)]
-        return _hash([c["ingest"], c["udm"], cfg.model.policy, cfg.model.embedder, cfg.run.seed, listing])
+        return _hash([c["ingest"], c["udm"], cfg.model.policy, cfg.model.embedder, cfg.run.seed,
+                      storage.listing(fs, path)])
     if name == "score-ref":
         return _hash([keys.get("prepare"), c["score"], cfg.model.reference or cfg.model.policy, cfg.model.dtype,
                       cfg.objective.loss == "kto"])

@@ -38,10 +38,7 @@ def choose_backend(requested: str, gpus: float) -> str:
 
 
 def _input_fingerprint(fs, data_dir: str) -> str:
-    files = storage.list_parquet(fs, data_dir)
-    infos = fs.get_file_info(files)
-    return hashlib.sha256(json.dumps([(f[len(data_dir):], i.size) for f, i in zip(files, infos, strict=True)]
-                                     ).encode()).hexdigest()[:32]
+    return hashlib.sha256(json.dumps(storage.listing(fs, data_dir)).encode()).hexdigest()[:32]
 
 
 def _too_long(table: pa.Table, limit: int) -> pa.Array:

@@ -98,3 +98,11 @@ def upload_dir(local_dir: str, uri: str, cfg: StorageConfig) -> None:
         fs.delete_dir_contents(path)
     fs.create_dir(path, recursive=True)
     pafs.copy_files(local_dir, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
+def listing(fs: pafs.FileSystem, path: str) -> list[tuple[str, int]]:
+    """(name relative to `path`, size) of every parquet file under it: the identity of an
+    input for skip-if-unchanged keys. Relative names: the same files unpacked elsewhere (a
+    job's working_dir) are the same input."""
+    files = list_parquet(fs, path)
+    return [(f[len(path):], i.size) for f, i in zip(files, fs.get_file_info(files), strict=True)]
