@@ -75,8 +75,10 @@ class HFEngine:
         return out
 
     @torch.inference_mode()
-    def generate_iter(self, prompts: list[list[int]], params: list[Sampling]) -> Iterator[list[Delta]]:
-        """Decode all prompts together; yields, per step, one Delta per row."""
+    def generate_iter(self, prompts: list[list[int]], params: list[Sampling],
+                      outputs: list[Output] | None = None) -> Iterator[list[Delta]]:
+        """Decode all prompts together; yields, per step, one Delta per row. `outputs`, a
+        list, receives each row's Output (its token ids too) as it grows."""
         b = len(prompts)
         longest = max(len(p) for p in prompts)
         ids = torch.full((b, longest), self.pad, dtype=torch.long)
@@ -91,6 +93,8 @@ class HFEngine:
             g.manual_seed(p.seed if p.seed is not None else int(torch.randint(0, 2**62, (1,))))
             gens.append(g)
         outs = [Output() for _ in range(b)]
+        if outputs is not None:
+            outputs.extend(outs)
         position = (mask.cumsum(-1) - 1).clamp(min=0)
         cache, step_ids = None, ids
         for _ in range(max(p.max_tokens for p in params)):

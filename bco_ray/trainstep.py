@@ -114,8 +114,8 @@ def microbatch_loss(policy: nn.Module, mb: dict, obj: ObjectiveConfig, delta: fl
     logps = policy(mb["input_ids"], mb["attention_mask"], mb["completion_mask"])
     label = mb["label"].to(torch.bool)
     if obj.loss == "bco":
-        loss, rewards = bco_loss(logps, mb["ref_logps"], label, delta, obj.beta, mb.get("weight"),
-                                 reduction="sum")
+        loss, rewards = bco_loss(logps, mb["ref_logps"], label, delta, obj.beta,
+                                 mb.get("weight") if obj.udm_weights else None, reduction="sum")
         return loss, rewards, label
     if obj.loss == "kto":
         with torch.no_grad():

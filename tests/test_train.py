@@ -49,15 +49,22 @@ def test_two_fsdp_workers_equal_one_process_and_export_loads(scored, tmp_path):
     two = run(scored, tmp_path / "two")
     one = run(scored, tmp_path / "one", "--train.num_workers", "1", "--train.grad_accum", "4")
     assert two["steps"] == one["steps"] == 4
+    # Reward accuracy is left out: it thresholds each reward at delta, so a row whose reward
+    # sits within rounding of delta flips it (test_trainstep checks it on exact equivalence).
     for a, b in zip(two["history"], one["history"], strict=True):
         assert a["rows"] == b["rows"] == 8
-        for key in ("loss", "delta", "rewards/chosen", "rewards/rejected", "reward_accuracy"):
-            assert a[key] == pytest.approx(b[key], abs=2e-5), key
+        for key in ("loss", "delta", "rewards/chosen", "rewards/rejected"):
+            if a["step"] == 1:  # same weights: only the forward's rounding (padding differs) separates them
+                assert a[key] == pytest.approx(b[key], abs=2e-6), key
+            else:  # reduce-scatter and local accumulation round differently; Adam's m/sqrt(v) magnifies it
+                assert a[key] == pytest.approx(b[key], rel=2e-3, abs=2e-5), (a["step"], key)
     assert two["history"][0]["delta"] == 0.0 and two["history"][-1]["delta"] != 0.0  # delta moved, identically
     assert two["history"][-1]["loss"] != two["history"][0]["loss"]
     wa, wb = weights(two["model"]), weights(one["model"])
     assert wa.keys() == wb.keys()
-    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-4
+    diff = max(float((wa[k] - wb[k]).abs().max()) for k in wa)
+    print(f"2 FSDP workers vs 1 process after 4 steps: max abs weight diff {diff:.2e}")
+    assert diff < 1e-4
     # The export is a plain HF model directory with its tokenizer and a run card.
     model = AutoModelForCausalLM.from_pretrained(two["model"])
     assert model.config.use_cache and os.path.exists(os.path.join(two["model"], "tokenizer.json"))

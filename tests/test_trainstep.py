@@ -73,6 +73,11 @@ def test_step_loss_matches_bco_loss_by_hand():
     up = batch["label"]
     assert m["rewards/chosen"] == pytest.approx(rewards[up].mean().item(), rel=1e-5)
     assert shift.value == pytest.approx((rewards[up].mean() + rewards[~up].mean()).item() / 2, rel=1e-5)
+    # objective.udm_weights false: the same data trains as if every weight were 1.
+    assert not torch.all(batch["weight"] == 1)
+    unweighted, _ = bco_loss(logps, batch["ref_logps"], batch["label"], 0.0, 0.1, None)
+    m = train_step(policy, opt, [batch], RewardShift(), ObjectiveConfig(udm_weights=False), max_grad_norm=None)
+    assert m["loss"] == pytest.approx(unweighted.item(), rel=1e-5) and unweighted.item() != pytest.approx(expected.item())
 
 
 def test_delta_zero_mode_never_shifts():
