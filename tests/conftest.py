@@ -1,4 +1,5 @@
 import os
+import socket
 
 import pytest
 
@@ -84,3 +85,10 @@ def prepared_tiny(ray_local, tmp_path_factory):
     cfg = load_config(None, TINY + ["--ingest.input", str(root / "log"), "--run.run_dir", str(root / "run")])
     prepare(cfg)
     return root / "run"
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,7 +1,6 @@
 """`bco-ray serve`: a real Ray Serve app on 127.0.0.1, driven by the official openai client."""
 
 import json
-import socket
 import threading
 import time
 import urllib.error
@@ -11,15 +10,10 @@ import openai
 import pytest
 
 from bco_ray.config import load_config
+from tests.conftest import free_port
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 KEY = "test-key-1"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -2,20 +2,14 @@
 
 One server, started once: vLLM takes ~15 s to start on 2 cores."""
 
-import socket
 
 import openai
 import pytest
 
 from bco_ray.config import load_config
+from tests.conftest import free_port
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.vllm]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
