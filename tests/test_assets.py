@@ -1,6 +1,7 @@
 """The bundled models materialise offline as safetensors HF directories."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -49,3 +50,23 @@ def test_smollm2_materialises_and_generates():
     ids = tok("The capital of France is", return_tensors="pt").input_ids
     out = model.generate(ids, max_new_tokens=3, do_sample=False)
     assert "Paris" in tok.decode(out[0, ids.shape[1]:])
+
+
+def _build_tiny(cache: str) -> str:
+    from bco_ray.assets import tiny_llama_dir
+
+    return str(tiny_llama_dir(cache))
+
+
+def test_concurrent_materialisation_builds_once_and_every_caller_gets_it(tmp_path):
+    """Ray Train workers on one node all resolve the model at once into a fresh cache."""
+    import multiprocessing as mp
+
+    from transformers import AutoConfig
+
+    with mp.get_context("spawn").Pool(4) as pool:
+        paths = pool.map(_build_tiny, [str(tmp_path)] * 4)
+    assert len(set(paths)) == 1
+    assert AutoConfig.from_pretrained(paths[0]).model_type == "llama"
+    leftovers = [p.name for p in Path(paths[0]).parent.iterdir() if p.name.startswith("tiny-llama.")]
+    assert leftovers == []  # no half-built temp directories left behind
