@@ -4,9 +4,13 @@ Two deployments: `OpenAIServer` (FastAPI ingress + the model; replicas scale tog
 `FeedbackLog` (one replica: remembers what every server replica answered, so feedback to
 any replica finds its completion, and writes the parquet log; flushes on shutdown).
 The request/response shapes are OpenAI's; errors use OpenAI's JSON error body.
-"""
 
-from __future__ import annotations
+No `from __future__ import annotations` here: Serve ships the routes to replicas with
+cloudpickle, by value, keeping only the globals a function body uses. A string annotation
+'Request' then no longer resolves in the replica, and FastAPI >= 0.137 (which no longer
+re-analyses routes on include_router) reads `request` as a required query parameter:
+every route answered 422. Real annotations travel with the function.
+"""
 
 import asyncio
 import json
