@@ -5,7 +5,8 @@
 Uploads the project directory as the job's working_dir (without .venv, runs/, .git),
 starts `python jobs/align.py --config FILE [overrides]`, prints the job id, streams its
 logs and exits with the job's status (0 succeeded, 1 failed or stopped). Token-authenticated
-clusters (Ray 2.60's default) work when the token is in $RAY_AUTH_TOKEN or ~/.ray/auth_token.
+clusters (Ray 2.60's default) work when the token is in $RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH
+or ~/.ray/auth_token.
 """
 
 from __future__ import annotations
@@ -19,9 +20,26 @@ from pathlib import Path
 EXCLUDES = [".venv", ".git", "runs", "bench/results", "**/__pycache__", "*.safetensors", ".pytest_cache"]
 
 
+def use_auth_token() -> bool:
+    """Send the Ray auth token with the Jobs API calls when one is at hand.
+
+    A client process that never calls ray.init runs in auth mode 'disabled' unless
+    RAY_AUTH_MODE says otherwise, and then sends no token: every call to a cluster with
+    Ray 2.60's default token auth fails with 'Missing authentication token'. A cluster
+    with auth off ignores the header, so sending it is always safe."""
+    if os.environ.get("RAY_AUTH_MODE"):
+        return os.environ["RAY_AUTH_MODE"] == "token"
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or str(Path.home() / ".ray" / "auth_token")
+    if os.environ.get("RAY_AUTH_TOKEN") or Path(path).is_file():
+        os.environ["RAY_AUTH_MODE"] = "token"  # read by Ray's client when it builds its headers
+        return True
+    return False
+
+
 def submit(address: str, config: str | None, overrides: list[str], working_dir: str = ".",
            pip: list[str] | None = None, env: dict | None = None, follow: bool = True,
            timeout_s: float | None = None) -> int:
+    use_auth_token()
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     root = Path(working_dir).resolve()

