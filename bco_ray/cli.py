@@ -1,14 +1,20 @@
 """`bco-ray`: one subcommand per stage, plus the whole pipeline (`align`).
 
 Every subcommand takes `--config FILE` and dotted overrides (`--objective.beta 0.2`).
+A mistake the user can fix (a wrong column name, path, port, credentials) is one line with
+what to do, exit status 2 (1 when a stage ran and kept nothing); anything else is one line
+naming the error, exit status 1. Full tracebacks go to <run_dir>/logs/bco-ray.log, and to
+the console with --verbose, which also shows Ray's own logs.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 
 from bco_ray.config import ConfigError, docs_markdown, dump_yaml, load_config
+from bco_ray.errors import UserError
 
 PIPELINE = "assets -> prepare -> udm -> score-ref -> train -> serve"
 
@@ -16,6 +22,8 @@ PIPELINE = "assets -> prepare -> udm -> score-ref -> train -> serve"
 def _config_parent() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--config", metavar="FILE", help="YAML config; dotted overrides follow, e.g. --run.seed 3")
+    p.add_argument("--verbose", action="store_true",
+                   help="show Ray's own logs and full tracebacks on the console (they are always in <run_dir>/logs)")
     return p
 
 
@@ -71,33 +79,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "config":
         print(dump_yaml(cfg), end="")
         return 0
-    if args.command == "assets":
-        from bco_ray import assets
-
-        for role in ("policy", "reference", "embedder"):
-            name = getattr(cfg.model, role) or cfg.model.policy
-            print(f"{role}: {assets.resolve_model(name, cfg.model.cache_dir)}")
-        return 0
-    if args.command == "prepare":
-        import json
-
-        from bco_ray.ingest import prepare
-        from bco_ray.raycluster import init_ray
-
-        init_ray(cfg.ray)
-        manifest = prepare(cfg)
-        print(json.dumps({k: v for k, v in manifest.items() if k != "config"}, indent=1))
-        return 0
-    if args.command == "score-ref":
-        import json
-
-        from bco_ray.raycluster import init_ray
-        from bco_ray.refscore_stage import score_reference
-
-        init_ray(cfg.ray)
-        manifest = score_reference(cfg)
-        print(json.dumps({k: v for k, v in manifest.items() if k != "config"}, indent=1))
-        return 0
     if args.command == "submit":
         from bco_ray.submit import submit
 
@@ -106,21 +87,128 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--env needs KEY=VALUE, got {bad[0]!r}")
         return submit(args.address, args.config, rest, args.working_dir, args.pip,
                       env=dict(e.split("=", 1) for e in args.env), follow=not args.no_follow)
-    if args.command == "train":
-        from bco_ray.raycluster import init_ray
+    from bco_ray import console
+
+    con = console.activate(cfg.run.run_dir, args.verbose)
+    con.log_only("bco-ray " + " ".join(redact_argv(sys.argv[1:] if argv is None else argv)))
+    try:
+        return _run(args.command, cfg)
+    except KeyboardInterrupt:
+        con.line("bco-ray: interrupted")
+        return 130
+    except Exception as e:  # noqa: BLE001 - the one place that turns errors into a line and a status
+        return _report_error(con, args.command, e, args.verbose)
+    finally:
+        _finish(con, cfg)
+
+
+SECRET_KEYS = ("storage.access_key_id", "storage.secret_access_key", "serve.api_keys")
+
+
+def redact_argv(argv: list[str]) -> list[str]:
+    """The command line without the values of secret overrides (for logs)."""
+    out, hide = [], False
+    for a in argv:
+        if hide:
+            out.append("***")
+            hide = False
+        elif a.lstrip("-").split("=", 1)[0] in SECRET_KEYS:
+            out.append(a.split("=", 1)[0] + ("=***" if "=" in a else ""))
+            hide = "=" not in a
+        else:
+            out.append(a)
+    return out
+
+
+def _user_error(e: BaseException) -> UserError | None:
+    """The UserError behind `e`: itself, a storage error we can explain, or the cause of a
+    Ray task / Train error that wraps one."""
+    from bco_ray import storage
+
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, UserError):
+            return e
+        if isinstance(e, OSError) and (explained := storage.explain(e, "the storage")):
+            return explained
+        e = getattr(e, "cause", None) or e.__cause__
+    return None
+
+
+def _report_error(con, command: str, e: Exception, verbose: bool) -> int:
+    trace = "".join(traceback.format_exception(e))
+    con.log_only(trace)
+    if verbose:
+        print(trace, file=sys.stderr)
+    user = _user_error(e)
+    if user is not None:
+        print(f"bco-ray: error: {user.problem}; {user.fix}", file=sys.stderr)
+        con.log_only(f"bco-ray: error: {user.problem}; {user.fix}")
+        return user.exit_code
+    first = (str(e).strip().splitlines() or [""])[0][:300]
+    print(f"bco-ray: {command} failed: {type(e).__name__}: {first}\n"
+          f"  the full trace is in {con.log_path}{'' if verbose else '; --verbose shows it here'}", file=sys.stderr)
+    return 1
+
+
+def _finish(con, cfg) -> None:
+    """Ray's session logs next to ours; the console's threads stop."""
+    import ray
+
+    from bco_ray import console
+
+    if ray.is_initialized():
+        try:
+            console.copy_ray_logs(cfg.run.run_dir)
+        except OSError as e:
+            con.log_only(f"could not copy Ray's logs: {e}")
+    con.close()
+
+
+def _run(command: str, cfg) -> int:
+    import json
+
+    from bco_ray import preflight
+    from bco_ray.raycluster import init_ray
+
+    if command == "assets":
+        from bco_ray import assets
+
+        for role in ("policy", "reference", "embedder"):
+            name = getattr(cfg.model, role) or cfg.model.policy
+            print(f"{role}: {assets.resolve_model(name, cfg.model.cache_dir)}")
+        return 0
+    preflight.check_before_ray(cfg, command)
+    if command in ("prepare", "align"):
+        from bco_ray.ingest import check_input
+
+        check_input(cfg)
+    init_ray(cfg.ray)
+    preflight.check_after_ray(cfg, command)
+    if command == "prepare":
+        from bco_ray.ingest import prepare
+
+        manifest = prepare(cfg)
+        print(json.dumps({k: v for k, v in manifest.items() if k != "config"}, indent=1))
+        return 0
+    if command == "score-ref":
+        from bco_ray.refscore_stage import score_reference
+
+        manifest = score_reference(cfg)
+        print(json.dumps({k: v for k, v in manifest.items() if k != "config"}, indent=1))
+        return 0
+    if command == "train":
         from bco_ray.train import train
 
-        init_ray(cfg.ray)
         card = train(cfg)
         print(f"[bco-ray] model: {card['model']} (run card: {card['model']}/run_card.json)")
         return 0
-    if args.command == "serve":
+    if command == "serve":
         import time
 
         from bco_ray import serve
-        from bco_ray.raycluster import init_ray
 
-        init_ray(cfg.ray)
         url = serve.start(cfg)
         print(f"[bco-ray] serving {cfg.serve.model_name} at {url} (Ctrl-C stops; feedback is flushed)", flush=True)
         try:
@@ -129,13 +217,12 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             serve.stop()
         return 0
-    if args.command == "align":
+    if command == "align":
         from bco_ray.pipeline import align
 
         align(cfg)
         return 0
-    parser.error(f"unknown command {args.command}")
-    return 2
+    raise ValueError(f"unknown command {command}")
 
 
 if __name__ == "__main__":

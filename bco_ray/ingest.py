@@ -24,8 +24,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bco_ray import storage
+from bco_ray import console, storage
 from bco_ray.config import Config, to_dict
+from bco_ray.errors import UserError
 from bco_ray.normalise import (
     NORMALISED_SCHEMA,
     REASONS,
@@ -123,25 +124,74 @@ def _tokenize(table: pa.Table, cfg: Config) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=schema)
 
 
-def _input_units(cfg: Config) -> tuple[list[dict], int, list[str]]:
-    """Row groups to read (after the date filter), raw rows in them, and the files."""
+def check_input(cfg: Config) -> None:
+    """The pre-flight of `prepare` (and `align`): raises the UserErrors of `_input_units`
+    before any work, reading footers only up to the first file with a known schema."""
+    _input_units(cfg, first_known=True)
+
+
+def _input_units(cfg: Config, first_known: bool = False) -> tuple[list[dict], int, list[str]]:
+    """Row groups to read (after the date filter), raw rows in them, and the files.
+
+    Stops with what to change when nothing could be kept: no input, no parquet file, a
+    date range that matches no file, or no file with a known schema."""
+    from bco_ray.normalise import detect_format
+
     ic = cfg.ingest
     fs, root = storage.filesystem(ic.input, cfg.storage)
-    units, rows, files = [], 0, []
-    for path in storage.list_parquet(fs, root):
+    try:
+        listed = storage.list_parquet(fs, root)
+    except FileNotFoundError as e:
+        raise UserError(f"ingest.input {ic.input!r} does not exist ({e})",
+                        "point --ingest.input at a parquet file, a directory of them or an s3:// prefix") from None
+    if not listed:
+        raise UserError(f"ingest.input {ic.input!r} holds no .parquet files (names starting with _ or . are "
+                        "skipped)", "point --ingest.input at the directory of your feedback logs")
+    units, rows, files, days, known = [], 0, [], [], False
+    unknown: tuple[str, list[str]] | None = None  # the first file of an unknown schema, its columns
+    n_unknown = 0
+    for path in listed:
         day = storage.partition_value(path, ic.partition_key)
+        if day is not None:
+            days.append(day)
         if day is not None and ((ic.date_from and day < ic.date_from) or (ic.date_to and day > ic.date_to)):
             continue
         try:
             with fs.open_input_file(path) as f:
-                meta = pq.ParquetFile(f).metadata
+                pf = pq.ParquetFile(f)
+                meta, columns = pf.metadata, pf.schema_arrow.names
+        except OSError as e:
+            raise (storage.explain(e, path) or ValueError(f"cannot read parquet file {path}: {e}")) from e
         except Exception as e:  # noqa: BLE001 - any unreadable footer is the same user error
             raise ValueError(f"cannot read parquet file {path}: {e}") from e
+        if detect_format(columns, ic) is not None:
+            known = True
+            if first_known:
+                return [], 0, [path]
+        else:
+            unknown, n_unknown = unknown or (path, columns), n_unknown + 1
         files.append(path)
         rows += meta.num_rows
         units += [{"path": path, "row_group": g, "day": day or ""} for g in range(meta.num_row_groups)]
     if not files:
-        raise FileNotFoundError(f"no parquet files under {ic.input} (after the date filter)")
+        span = f"days {min(days)} to {max(days)}" if days else f"no {ic.partition_key}=YYYY-MM-DD partitions"
+        raise UserError(f"the date filter (ingest.date_from {ic.date_from}, ingest.date_to {ic.date_to}) matches "
+                        f"none of the {len(listed)} files under {ic.input} ({span})",
+                        "widen --ingest.date_from / --ingest.date_to, or set them to null")
+    if unknown is not None:
+        path, columns = unknown
+        expected = (f"({ic.prompt_column}, {ic.completion_column}, {ic.label_column}) for unpaired rows, "
+                    f"({ic.prompt_column}, {ic.chosen_column}, {ic.rejected_column}) for paired or "
+                    f"({ic.messages_column}, {ic.label_column}) for conversational")
+        fix = ("name your columns with ingest.prompt_column / completion_column / label_column (or chosen_column, "
+               "rejected_column, messages_column), e.g. --ingest.label_column feedback")
+        if not known:
+            raise UserError(f"no input file has a known schema: {path} (and {n_unknown - 1} more) has columns "
+                            f"{columns}, but bco-ray expects {expected}", fix)
+        if not first_known:  # some files fit: go on, their rows are quarantined as unknown_schema
+            console.say(f"[prepare] warning: {n_unknown} of {len(files)} files have an unknown schema and all their rows "
+                        f"will be quarantined (unknown_schema): {path} has columns {columns}, expected {expected}; "
+                        f"to read them, {fix}")
     return units, rows, files
 
 
@@ -211,11 +261,13 @@ def _prepare(cfg: Config) -> dict:
     units, rows_read, files = _input_units(cfg)
 
     # Pass 1: read + normalise.
+    console.status(f"pass 1/3: read + normalise {rows_read} rows from {len(files)} files")
     ds = ray.data.from_items(units, override_num_blocks=len(units))
     ds = ds.map_batches(_read_normalise, fn_kwargs={"cfg": cfg}, batch_size=1, batch_format="numpy", **remote)
     ds.write_parquet(path("_stage1"), filesystem=fs, partition_cols=["status"], ray_remote_args=remote)
 
     # Pass 2: dedup / conflicts, tokenize, split.
+    console.status("pass 2/3: dedup + tokenize + split")
     if storage.exists(fs, path("_stage1", "status=ok")):
         ok = _read(path("_stage1", "status=ok"), fs, cpus).repartition(target_num_rows_per_block=ic.rows_per_block)
         partitions = max(1, min(200, rows_read // 20_000))  # ~20k rows per shuffle partition
@@ -237,6 +289,7 @@ def _prepare(cfg: Config) -> dict:
         dedup.write_parquet(path("deduplicated"), filesystem=fs, ray_remote_args=remote)
 
     # Pass 3: UDM weights (or weight 1), written as the prepared data.
+    console.status("pass 3/3: UDM weights" if cfg.udm.enabled else "pass 3/3: write the prepared data")
     udm_report = {"enabled": cfg.udm.enabled}
     if storage.exists(fs, path("_stage2", "status=ok")):
         kept = _read(path("_stage2", "status=ok"), fs, cpus).drop_columns(["reason", "raw", "duplicate_of",
@@ -246,9 +299,22 @@ def _prepare(cfg: Config) -> dict:
         udm_report = diagnostics(cfg, fs, path("data"), path("udm"), udm_report)
 
     manifest = _manifest(cfg, fs, out, rows_read, files, udm_report, time.time() - t0)
-    for sub in ("_stage1", "_stage2"):
-        fs.delete_dir(path(sub))
+    for sub in ("_stage1", "_stage2"):  # _stage2 is absent when pass 1 kept no row
+        if storage.exists(fs, path(sub)):
+            fs.delete_dir(path(sub))
+    if manifest["kept"] == 0:
+        raise nothing_kept(manifest, path("quarantine"))
     return manifest
+
+
+def nothing_kept(manifest: dict, quarantine: str) -> UserError:
+    """Every row was quarantined or deduplicated: the manifest and quarantine are written;
+    say why, with the top reasons, and fail (exit 1), since there is nothing to train on."""
+    top = sorted(manifest["quarantine_reasons"].items(), key=lambda kv: -kv[1])[:3]
+    why = "; ".join(f"{reason} x{n} ({REASONS.get(reason, '')})" for reason, n in top) or "all deduplicated"
+    return UserError(f"all {manifest['examples']} examples were quarantined or deduplicated, none kept: {why}",
+                     f"see the rows and their reasons in {quarantine} and fix the log or the ingest.* keys",
+                     exit_code=1)
 
 
 def _manifest(cfg, fs, out, rows_read, files, udm_report, seconds) -> dict:

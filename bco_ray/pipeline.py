@@ -14,7 +14,7 @@ import platform
 import time
 from pathlib import Path
 
-from bco_ray import __version__
+from bco_ray import __version__, console
 from bco_ray.config import Config, to_dict
 from bco_ray.raycluster import init_ray
 from bco_ray.report import write_report
@@ -78,7 +78,7 @@ def stage_serve(cfg: Config, run_dir: Path) -> dict:
         r = client.chat.completions.create(model=cfg.serve.model_name, max_tokens=48, temperature=0,
                                            messages=[{"role": "user", "content": question}])
         answer = r.choices[0].message.content
-        print(f"[bco-ray] {url}/chat/completions answered:\n  Q: {question}\n  A: {answer}", flush=True)
+        console.say(f"[bco-ray] {url}/chat/completions answered:\n  Q: {question}\n  A: {answer}")
     finally:
         serve.stop()
     return {"url": url, "question": question, "answer": answer, "usage": r.usage.model_dump()}
@@ -119,6 +119,82 @@ def _output_exists(name: str, cfg: Config, run_dir: Path) -> bool:
     return all(storage.exists(fs, storage.join(path, f)) for f in where[1:])
 
 
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:300]
+
+
+def _stage_start(name: str) -> None:
+    con = console.active()
+    if con is not None:
+        con.stage(name)
+    else:
+        print(f"[bco-ray] stage {name} ...", flush=True)
+
+
+def _stage_end(name: str, seconds: float) -> None:
+    con, text = console.active(), f"[bco-ray] stage {name} done in {seconds:.1f}s"
+    if con is not None:
+        con.end_stage(text)
+    else:
+        print(text, flush=True)
+
+
+def _card(manifest: dict, cfg: Config) -> dict | None:
+    """The exported model's run card, when this run has one."""
+    if "train" not in manifest["stages"]:
+        return None
+    from bco_ray import storage
+
+    fs, export = storage.filesystem(manifest["stages"]["train"]["model"], cfg.storage)
+    try:
+        return json.loads(storage.read_bytes(fs, storage.join(export, "run_card.json")))
+    except (FileNotFoundError, OSError):
+        return None
+
+
+def ray_description(cfg: Config) -> str:
+    """Which cluster, and whether Ray's token auth is on (the CI log must show it)."""
+    import os
+
+    import ray
+
+    try:
+        from ray._private.authentication.authentication_utils import is_token_auth_enabled
+
+        auth = "on" if is_token_auth_enabled() else "off"
+    except ImportError:  # a Ray without token auth
+        auth = "not supported by this Ray"
+    where = f"joined {cfg.ray.address or os.environ.get('RAY_ADDRESS')}" \
+        if (cfg.ray.address or os.environ.get("RAY_ADDRESS")) else "local cluster on 127.0.0.1"
+    res = ray.cluster_resources()
+    return f"Ray {ray.__version__}: {where}, {res.get('CPU', 0):g} CPUs, {res.get('GPU', 0):g} GPUs, token auth {auth}"
+
+
+def summary_lines(manifest: dict, report: Path) -> list[str]:
+    """The short table a person reads at the end of `align`."""
+    st = manifest["stages"]
+    rows: list[tuple[str, str]] = []
+    if p := st.get("prepare"):
+        rows.append(("rows", f"{p['rows_read']} read, {p['kept']} kept, {p['quarantined']} quarantined, "
+                             f"{p['deduplicated']} deduplicated"))
+        udm = p.get("udm") or {}
+        rows.append(("UDM", f"held-out AUC {udm['heldout_auc']:.3f}" if udm.get("heldout_auc") is not None
+                     else ("on" if udm.get("enabled") else "off")))
+    if t := st.get("train"):
+        ev, fm = t.get("final_eval") or {}, t.get("final_metrics") or {}
+        rows.append(("training", f"{t['steps']} steps, final loss {fm.get('loss', float('nan')):.4f}; eval loss "
+                                 f"{ev.get('eval/loss', float('nan')):.4f}, reward accuracy "
+                                 f"{ev.get('eval/reward_accuracy', float('nan')):.3f}, margin "
+                                 f"{ev.get('eval/rewards/margin', float('nan')):+.4f}"))
+        rows.append(("model", str(t["model"])))
+    if s := st.get("serve"):
+        rows.append(("served", f"{s['url']}: Q: {s['question']}"))
+        rows.append(("answer", " ".join(str(s["answer"]).split())[:200]))
+    rows += [("report", str(report)), ("total time", f"{manifest.get('seconds', 0):.0f} s")]
+    width = max(len(k) for k, _ in rows)
+    return ["[bco-ray] summary"] + [f"  {k.ljust(width)}  {v}" for k, v in rows]
+
+
 def align(cfg: Config) -> dict:
     """Every stage in order. A stage whose key matches the last run's and whose output exists
     is skipped, so a failed run restarts where it stopped (train also resumes mid-way from
@@ -133,6 +209,8 @@ def align(cfg: Config) -> dict:
     manifest = {"bco_ray_version": __version__, "python": platform.python_version(),
                 "config": to_dict(cfg), "stages": dict(previous)}
     keys: dict = {}
+    console.say(f"[bco-ray] {ray_description(cfg)}")
+    t_start = time.time()
     for name, fn in STAGES:
         t0 = time.time()
         key = keys[name] = stage_key(name, cfg, keys)
@@ -140,25 +218,31 @@ def align(cfg: Config) -> dict:
         if key is not None and before.get("key") == key and _output_exists(name, cfg, run_dir):
             manifest["stages"][name] = {**before, "skipped": True}
             path.write_text(json.dumps(manifest, indent=2))
-            print(f"[bco-ray] stage {name}: unchanged since the last run, skipped", flush=True)
+            console.say(f"[bco-ray] stage {name}: unchanged since the last run, skipped")
             continue
-        print(f"[bco-ray] stage {name} ...", flush=True)
+        _stage_start(name)
         stage_cfg = cfg
         if name == "train":
             # Ray Train resumes any run of the same name; tie the name to the inputs and
             # config, so a rerun resumes only the same training, never a stale one.
             stage_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, name=f"{cfg.train.name}-{key[:8]}"))
-        summary = fn(stage_cfg, run_dir)
+        try:
+            summary = fn(stage_cfg, run_dir)
+        except BaseException as e:
+            # The report is written on failure too, naming the stage and its error.
+            manifest["failed"] = {"stage": name, "error": f"{type(e).__name__}: {_first_line(e)}",
+                                  "seconds": round(time.time() - t0, 2)}
+            path.write_text(json.dumps(manifest, indent=2))
+            write_report(run_dir, manifest, _card(manifest, cfg))
+            console.say(f"[bco-ray] stage {name} failed after {time.time() - t0:.1f}s; report: "
+                        f"{run_dir / 'report' / 'report.md'}")
+            raise
         manifest["stages"][name] = {"key": key, "seconds": round(time.time() - t0, 2), **summary}
         path.write_text(json.dumps(manifest, indent=2))
-        print(f"[bco-ray] stage {name} done in {time.time() - t0:.1f}s", flush=True)
+        _stage_end(name, time.time() - t0)
+    manifest["seconds"] = round(time.time() - t_start, 1)
     path.write_text(json.dumps(manifest, indent=2))
-    card = None
-    if "train" in manifest["stages"]:
-        from bco_ray import storage
-
-        fs, export = storage.filesystem(manifest["stages"]["train"]["model"], cfg.storage)
-        card = json.loads(storage.read_bytes(fs, storage.join(export, "run_card.json")))
-    report = write_report(run_dir, manifest, card)
-    print(f"[bco-ray] run manifest: {path}\n[bco-ray] report: {report}", flush=True)
+    report = write_report(run_dir, manifest, _card(manifest, cfg))
+    for line in summary_lines(manifest, report):
+        console.say(line)
     return manifest

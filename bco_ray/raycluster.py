@@ -10,9 +10,30 @@ Traps this avoids (measured on the project's machines, see docs/operations.md):
 
 from __future__ import annotations
 
+import logging
 import os
 
 from bco_ray.config import RayConfig
+
+# Ray Train's PlacementGroupCleaner polls the State API, which a local cluster started
+# without the dashboard does not serve: it then logs the same warning every few seconds for
+# the whole run. Its job (freeing a dead controller's placement group) needs no State API
+# warning to be seen, so that one logger is lowered in our local clusters' workers.
+_NOISY_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
+
+
+_LOCAL_SESSION: str | None = None  # the session dir of the local cluster this process started
+
+
+def local_session_dir() -> str | None:
+    """Ray's session directory when this process started the cluster (None when it joined one)."""
+    return _LOCAL_SESSION
+
+
+def quiet_worker_loggers() -> None:
+    """Ray worker_process_setup_hook of local clusters (see _NOISY_LOGGERS)."""
+    for name in _NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def loopback_env() -> None:
@@ -21,7 +42,12 @@ def loopback_env() -> None:
 
 
 def init_ray(cfg: RayConfig):
-    """Join `cfg.address`, or start a local loopback cluster. Returns the ray module."""
+    """Join `cfg.address`, or start a local loopback cluster. Returns the ray module.
+
+    Under the CLI's console (bco_ray.console, without --verbose) the workers' output stays
+    in Ray's log files instead of the console."""
+    from bco_ray import console
+
     loopback_env()
     if cfg.auth == "disabled":
         os.environ["RAY_AUTH_MODE"] = "disabled"
@@ -31,12 +57,17 @@ def init_ray(cfg: RayConfig):
         return ray
     if cfg.address or os.environ.get("RAY_ADDRESS"):
         # Inside `ray job submit` the job supervisor sets RAY_ADDRESS: join that cluster.
-        ray.init(address=cfg.address or "auto", log_to_driver=True)
+        ray.init(address=cfg.address or "auto", log_to_driver=not console.quiet())
+        console.quiet_ray_data()
         return ray
     temp_dir = cfg.temp_dir or f"/tmp/bco-ray-{os.getpid()}"
     if len(temp_dir) > 40:
         raise ValueError(f"ray.temp_dir {temp_dir!r} is too long: Ray's socket paths under it must stay "
                          "under 107 bytes; use a short path such as /tmp/bco-ray")
     ray.init(num_cpus=cfg.num_cpus, _temp_dir=temp_dir, include_dashboard=False,
-             _node_ip_address="127.0.0.1")
+             _node_ip_address="127.0.0.1", log_to_driver=not console.quiet(),
+             runtime_env={"worker_process_setup_hook": "bco_ray.raycluster.quiet_worker_loggers"})
+    global _LOCAL_SESSION
+    _LOCAL_SESSION = ray._private.worker._global_node.get_session_dir_path()  # noqa: SLF001
+    console.quiet_ray_data()
     return ray

@@ -17,8 +17,9 @@ import time
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from bco_ray import storage
+from bco_ray import console, storage
 from bco_ray.config import Config, to_dict
+from bco_ray.errors import UserError
 from bco_ray.refscore import TOO_LONG, HFScorer, VLLMScorer
 
 
@@ -72,7 +73,7 @@ def score_reference(cfg: Config) -> dict:
     out_fs, out = storage.filesystem(sc.output or storage.join(cfg.run.run_dir, "scored"), cfg.storage)
     data_dir = storage.join(in_dir, "data")
     if not storage.exists(in_fs, data_dir):
-        raise FileNotFoundError(f"no prepared data at {src}/data: run `bco-ray prepare` first")
+        raise UserError(f"no prepared data at {src}/data", "run `bco-ray prepare` first (or set score.input)")
 
     ref_name = cfg.model.reference or cfg.model.policy
     ref_path = resolve_model(ref_name, cfg.model.cache_dir)
@@ -91,8 +92,8 @@ def score_reference(cfg: Config) -> dict:
     if not sc.force and storage.exists(out_fs, manifest_path):
         previous = json.loads(storage.read_bytes(out_fs, manifest_path))
         if previous.get("key") == key:
-            print(f"[score-ref] {out} already holds this input scored by this reference: skipped "
-                  "(score.force=true scores again)", flush=True)
+            console.say(f"[score-ref] {out} already holds this input scored by this reference: skipped "
+                        "(score.force=true scores again)")
             return {**previous, "skipped": True}
     for sub in ("data", "quarantine", "manifest.json"):
         p = storage.join(out, sub)
@@ -102,6 +103,7 @@ def score_reference(cfg: Config) -> dict:
     remote = {"num_cpus": cpus}
     ds = ray.data.read_parquet(data_dir, filesystem=in_fs, num_cpus=cpus)
     rows_in = ds.count()
+    console.status(f"scoring {rows_in} rows under {ref_name} ({backend}, {sc.actors} actor(s))")
     q = ds.map_batches(_quarantine, fn_kwargs={"limit": max_tokens}, batch_format="pyarrow", **remote)
     q.write_parquet(storage.join(out, "quarantine"), filesystem=out_fs, ray_remote_args=remote)
 

@@ -45,8 +45,12 @@ def write_report(run_dir: Path, manifest: dict, card: dict | None) -> Path:
     out = run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     st = manifest["stages"]
-    lines = ["# bco-ray run report", "", f"Run directory: `{run_dir}`", "",
-             "| stage | seconds | skipped | summary |", "|---|---|---|---|"]
+    lines = ["# bco-ray run report", "", f"Run directory: `{run_dir}`", ""]
+    if failed := manifest.get("failed"):
+        lines += [f"**Failed in stage `{failed['stage']}`** after {failed['seconds']} s: `{failed['error']}`", "",
+                  "The stages below ran before it (or in an earlier run); the full trace is in "
+                  "`logs/bco-ray.log`.", ""]
+    lines += ["| stage | seconds | skipped | summary |", "|---|---|---|---|"]
     for name, s in st.items():
         keep = {k: v for k, v in s.items() if k not in ("seconds", "skipped", "final_metrics", "final_eval", "usage")
                 and not isinstance(v, dict | list)}

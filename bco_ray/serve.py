@@ -79,6 +79,11 @@ def start(cfg: Config) -> str:
     """Start Serve on cfg.serve.host:port with the app; returns the base URL (…/v1)."""
     from ray import serve
 
+    from bco_ray import console
+    from bco_ray.preflight import check_port
+
+    check_port(cfg.serve.host, cfg.serve.port)  # Serve's proxy would fail after the model loaded
+    console.status(f"starting Ray Serve on {cfg.serve.host}:{cfg.serve.port} (loading the model)")
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
     serve.run(build_app(cfg), name=APP_NAME, route_prefix="/", blocking=False)
     host = "127.0.0.1" if cfg.serve.host in ("0.0.0.0", "::") else cfg.serve.host

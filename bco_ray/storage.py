@@ -15,6 +15,7 @@ from urllib.parse import urlparse
 import pyarrow.fs as pafs
 
 from bco_ray.config import StorageConfig
+from bco_ray.errors import UserError
 
 
 def is_s3(uri: str) -> bool:
@@ -47,14 +48,43 @@ def join(base: str, *parts: str) -> str:
     return posixpath.join(base, *parts)
 
 
+def explain(e: OSError, where: str) -> UserError | None:
+    """A storage error a user can fix (credentials, bucket, endpoint) as a UserError; None
+    for anything else. pyarrow's S3 errors carry the AWS error name in their text."""
+    msg = str(e)
+    if any(s in msg for s in ("ACCESS_DENIED", "InvalidAccessKeyId", "SignatureDoesNotMatch", "HTTP status 403")):
+        return UserError(f"S3 refused access to {where} (wrong or missing credentials, or no permission)",
+                         "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or storage.access_key_id / "
+                         "storage.secret_access_key), storage.endpoint_url and the bucket's policy")
+    if "NO_SUCH_BUCKET" in msg or "NoSuchBucket" in msg:
+        return UserError(f"the bucket of {where} does not exist",
+                         "check the bucket name, and storage.endpoint_url / storage.region")
+    if "NETWORK_CONNECTION" in msg or "curlCode" in msg:
+        return UserError(f"cannot reach the S3 endpoint for {where}",
+                         "check storage.endpoint_url (or AWS_ENDPOINT_URL) and that the endpoint is up")
+    return None
+
+
 def list_parquet(fs: pafs.FileSystem, path: str) -> list[str]:
-    """Parquet files under a file, directory (recursive) or glob, sorted for determinism."""
+    """Parquet files under a file, directory (recursive) or glob, sorted for determinism.
+    A path that does not exist is a FileNotFoundError; S3 refusals are UserErrors."""
+    try:
+        return _list_parquet(fs, path)
+    except OSError as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise (explain(e, path) or e) from e
+
+
+def _list_parquet(fs: pafs.FileSystem, path: str) -> list[str]:
     has_glob = any(ch in path for ch in "*?[")
     base = path
     if has_glob:
         base = path[: min(path.find(ch) for ch in "*?[" if ch in path)].rsplit("/", 1)[0]
     info = fs.get_file_info(base)
     if info.type == pafs.FileType.NotFound:
+        if isinstance(fs, pafs.S3FileSystem) and fs.get_file_info(base.split("/")[0]).type == pafs.FileType.NotFound:
+            raise FileNotFoundError(f"no such input: {path} (its bucket {base.split('/')[0]!r} does not exist)")
         raise FileNotFoundError(f"no such input: {path}")
     if info.type == pafs.FileType.File:
         return [base]

@@ -18,8 +18,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
-from bco_ray import storage
+from bco_ray import console, storage
 from bco_ray.config import Config, to_dict
+from bco_ray.errors import UserError
 
 TRAIN_COLUMNS = ["row_id", "label", "input_ids", "completion_mask", "ref_logps", "weight", "pair_id"]
 KL_COLUMNS = ["kl_input_ids", "kl_completion_mask", "kl_ref_logps"]
@@ -89,7 +90,7 @@ def train(cfg: Config, _fail_at_step: int | None = None, _fail_marker: str | Non
     fs, src_dir = storage.filesystem(src, cfg.storage)
     data_dir = storage.join(src_dir, "data")
     if not storage.exists(fs, data_dir):
-        raise FileNotFoundError(f"no scored data at {src}/data: run `bco-ray score-ref` first")
+        raise UserError(f"no scored data at {src}/data", "run `bco-ray score-ref` first (or set train.input)")
     scored_manifest = json.loads(storage.read_bytes(fs, storage.join(src_dir, "manifest.json")))
     columns = TRAIN_COLUMNS + (KL_COLUMNS if cfg.objective.loss == "kto" else [])
     if cfg.objective.loss == "kto" and not scored_manifest.get("kl_pairs"):
@@ -98,11 +99,12 @@ def train(cfg: Config, _fail_at_step: int | None = None, _fail_marker: str | Non
     meta = pads.dataset(data_dir, filesystem=fs, format="parquet").to_table(columns=["split", "label", "pair_id"])
     counts = count_units(meta, cfg.objective.loss)
     p = plan(cfg, counts)
-    print(f"[train] {counts['train']['units']} train units ({counts['train']['up']} up / "
-          f"{counts['train']['down']} down rows), {counts['eval']['units']} eval units; global batch "
-          f"{p['global_batch_units']}, {p['steps_per_epoch']} steps/epoch, {p['total_steps']} steps", flush=True)
+    console.say(f"[train] {counts['train']['units']} train units ({counts['train']['up']} up / "
+                f"{counts['train']['down']} down rows), {counts['eval']['units']} eval units; global batch "
+                f"{p['global_batch_units']}, {p['steps_per_epoch']} steps/epoch, {p['total_steps']} steps")
 
     cpus = cfg.ingest.num_cpus_per_task
+    console.status("sorting the splits into the global order")
     base = ray.data.read_parquet(data_dir, filesystem=fs, num_cpus=cpus)
     datasets = {}
     for split in ("train", "eval"):
@@ -126,9 +128,10 @@ def train(cfg: Config, _fail_at_step: int | None = None, _fail_marker: str | Non
         tracking = "file:" + os.path.abspath(storage.join(cfg.run.run_dir, "mlruns"))
     from ray.data import ExecutionOptions
 
+    sink = console.train_sink()
     trainer = TorchTrainer(
         worker_loop,
-        train_loop_config={"cfg": to_dict(cfg), **p, "eval_units": counts["eval"]["units"], "export": export_uri,
+        train_loop_config={"cfg": to_dict(cfg), **p, "console": sink.queue if sink else None, "eval_units": counts["eval"]["units"], "export": export_uri,
                            "tracking_uri": tracking, "storage_uri": store_uri, "fail_at_step": _fail_at_step, "fail_marker": _fail_marker},
         scaling_config=ray.train.ScalingConfig(num_workers=tc.num_workers, use_gpu=use_gpu,
                                                resources_per_worker=resources, placement_strategy=tc.placement),
@@ -142,7 +145,11 @@ def train(cfg: Config, _fail_at_step: int | None = None, _fail_marker: str | Non
         dataset_config=ray.train.DataConfig(datasets_to_split=[],
                                             execution_options=ExecutionOptions(preserve_order=True)),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    finally:
+        if sink:
+            sink.close()
     if result.error:
         raise result.error
     with result.checkpoint.as_directory() as d:

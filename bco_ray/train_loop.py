@@ -137,11 +137,21 @@ def export_model(policy, lm, tok, cfg: Config, rank: int, out_dir: str) -> None:
     tok.save_pretrained(out_dir)
 
 
+_CONSOLE = None  # the driver's console queue (bco_ray.console.TrainSink), when it shows our lines
+
+
 def say(line: str) -> None:
     """One console line from a worker. Not print(): Ray Train 2.60 patches print in workers
-    and, when stdout is wrapped, emits each line twice (to the stream and its logger)."""
+    and, when stdout is wrapped, emits each line twice (to the stream and its logger).
+    Always in the worker's log; on the driver's console through its queue when there is one
+    (Ray's worker output is then off the console)."""
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
+    if _CONSOLE is not None:
+        try:
+            _CONSOLE.put_nowait(line)
+        except Exception:  # noqa: BLE001 - a full or gone queue must never stop training
+            pass
 
 
 def _improved(state: dict, ev: dict) -> bool:
@@ -170,8 +180,10 @@ def worker_loop(config: dict) -> None:
 
     from bco_ray.tracking import Tracker
 
+    global _CONSOLE
     cfg: Config = from_dict(config["cfg"])
     tc, obj = cfg.train, cfg.objective
+    _CONSOLE = config.get("console")
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()

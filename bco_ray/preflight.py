@@ -1,0 +1,106 @@
+"""Checks that run before any work, so a newcomer's first mistakes cost seconds, not the
+minutes of ingest and training before the stage that would have failed on them.
+
+Each check raises `UserError` naming the config key to change.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+from pathlib import Path
+
+from bco_ray.config import Config
+from bco_ray.errors import UserError
+
+# The stages of `align` each command runs (the pre-flight checks only what those need).
+COMMAND_STAGES = {"align": ("assets", "prepare", "score-ref", "train", "serve"), "prepare": ("prepare",),
+                  "score-ref": ("score-ref",), "train": ("train",), "serve": ("serve",)}
+
+
+def check_models(cfg: Config, stages: tuple[str, ...]) -> None:
+    """Every model the stages load is a bundled alias or a local HF directory."""
+    from bco_ray.assets import ALIASES
+
+    roles = []
+    if {"assets", "prepare", "score-ref", "train"} & set(stages):
+        roles += [("model.policy", cfg.model.policy), ("model.reference", cfg.model.reference)]
+    if {"assets", "prepare"} & set(stages) and cfg.udm.enabled:
+        roles.append(("model.embedder", cfg.model.embedder))
+    for key, name in roles:
+        if name is None or name in ALIASES:
+            continue
+        path = Path(name).expanduser()
+        if not path.exists():
+            raise UserError(f"{key} {name!r} does not exist",
+                            f"give a local HF model directory (with config.json) or a bundled model: "
+                            f"{', '.join(ALIASES)} (--{key} NAME)")
+        if not (path / "config.json").is_file():
+            raise UserError(f"{key} {name!r} is not a HF model directory (no config.json in it)",
+                            f"point --{key} at the directory that from_pretrained() reads")
+
+
+def check_port(host: str, port: int) -> None:
+    """The serve port can be bound (Serve's proxy would otherwise fail after the model loaded)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise UserError(f"port {port} on {host} is already in use (another `bco-ray serve`, or "
+                                "another server)", f"stop it, or pick a free port: --serve.port {port + 1}") from None
+            if e.errno == errno.EADDRNOTAVAIL:
+                raise UserError(f"serve.host {host!r} is not an address of this machine",
+                                "use 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)") from None
+            raise
+
+
+def gpu_requests(cfg: Config, stages: tuple[str, ...]) -> list[str]:
+    """The config keys that explicitly ask for GPUs in these stages."""
+    asks = []
+    if "train" in stages and cfg.train.use_gpu:
+        asks.append("train.use_gpu: true")
+    if "score-ref" in stages and (cfg.score.num_gpus_per_actor or 0) > 0:
+        asks.append(f"score.num_gpus_per_actor: {cfg.score.num_gpus_per_actor}")
+    if "serve" in stages and (cfg.serve.gpus_per_replica or 0) > 0:
+        asks.append(f"serve.gpus_per_replica: {cfg.serve.gpus_per_replica}")
+    return asks
+
+
+def check_gpus(cfg: Config, stages: tuple[str, ...], cluster_resources: dict) -> None:
+    """GPUs asked for where the cluster has none: Ray would wait for them forever."""
+    asks = gpu_requests(cfg, stages)
+    if asks and cluster_resources.get("GPU", 0) <= 0:
+        have = ", ".join(f"{k} {cluster_resources[k]:g}" for k in ("CPU", "GPU") if k in cluster_resources)
+        raise UserError(f"{' and '.join(asks)} asks for GPUs, but the Ray cluster has none ({have})",
+                        "leave those keys at null (GPUs are used when the cluster has them), or join a GPU "
+                        "cluster with --ray.address")
+
+
+def check_served_model(cfg: Config) -> None:
+    """`bco-ray serve` on its own: the model to serve is there (in `align`, train makes it)."""
+    from bco_ray import storage
+    from bco_ray.assets import ALIASES
+
+    uri = cfg.serve.model or cfg.train.export or storage.join(cfg.run.run_dir, "model")
+    if storage.is_s3(uri) or uri in ALIASES:
+        return
+    if not (Path(uri).expanduser() / "config.json").is_file():
+        raise UserError(f"no model to serve at {uri}",
+                        "train one first (`bco-ray train` or `bco-ray align`), or point --serve.model at a HF model "
+                        "directory or s3:// prefix")
+
+
+def check_before_ray(cfg: Config, command: str) -> None:
+    stages = COMMAND_STAGES.get(command, ())
+    check_models(cfg, stages)
+    if command == "serve":
+        check_served_model(cfg)
+    if "serve" in stages:
+        check_port(cfg.serve.host, cfg.serve.port)
+
+
+def check_after_ray(cfg: Config, command: str) -> None:
+    import ray
+
+    check_gpus(cfg, COMMAND_STAGES.get(command, ()), ray.cluster_resources())

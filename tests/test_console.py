@@ -1,0 +1,44 @@
+"""What a person reads: the console's lines and log, the summary, secrets kept out of logs."""
+
+import io
+from pathlib import Path
+
+from bco_ray.cli import redact_argv
+from bco_ray.console import Console
+from bco_ray.pipeline import summary_lines
+
+
+def test_lines_go_to_the_console_and_the_run_log(tmp_path):
+    out = io.StringIO()  # not a TTY: no status redraws, plain lines
+    con = Console(str(tmp_path), verbose=False, stream=out)
+    con.stage("prepare")
+    con.status("pass 1/3")
+    con.end_stage("[bco-ray] stage prepare done in 1.0s")
+    con.log_only("only in the log")
+    con.close()
+    assert out.getvalue().splitlines() == ["[bco-ray] stage prepare ...", "[bco-ray] stage prepare done in 1.0s"]
+    log = (tmp_path / "logs" / "bco-ray.log").read_text()
+    assert "[prepare] pass 1/3" in log and "only in the log" in log and "stage prepare done" in log
+
+
+def test_secret_overrides_are_redacted_from_the_logged_command_line():
+    argv = ["align", "--storage.secret_access_key", "s3cr3t", "--storage.access_key_id=AKIA123",
+            "--serve.api_keys", "[k1]", "--run.seed", "3"]
+    red = redact_argv(argv)
+    assert "s3cr3t" not in " ".join(red) and "AKIA123" not in " ".join(red) and "k1" not in " ".join(red)
+    assert red == ["align", "--storage.secret_access_key", "***", "--storage.access_key_id=***",
+                   "--serve.api_keys", "***", "--run.seed", "3"]
+
+
+def test_the_summary_names_every_figure_a_newcomer_looks_for():
+    manifest = {"seconds": 301.4, "stages": {
+        "prepare": {"rows_read": 682, "kept": 651, "quarantined": 30, "deduplicated": 4,
+                    "udm": {"enabled": True, "heldout_auc": 0.685}},
+        "train": {"steps": 20, "model": "/runs/demo/model", "final_metrics": {"loss": 0.55},
+                  "final_eval": {"eval/loss": 0.64, "eval/reward_accuracy": 0.76, "eval/rewards/margin": 0.49}},
+        "serve": {"url": "http://127.0.0.1:8000/v1", "question": "Q?", "answer": "An\nanswer."}}}
+    text = "\n".join(summary_lines(manifest, Path("runs/demo/report/report.md")))
+    for expected in ("682 read, 651 kept, 30 quarantined, 4 deduplicated", "held-out AUC 0.685", "20 steps",
+                     "eval loss 0.6400", "reward accuracy 0.760", "/runs/demo/model", "An answer.",
+                     "runs/demo/report/report.md", "301 s"):
+        assert expected in text, expected
