@@ -165,6 +165,21 @@ def status(text: str) -> None:
         _ACTIVE.status(text)
 
 
+def stage(name: str) -> None:
+    """A stage starts: its live line under the console, else a plain line."""
+    if _ACTIVE is not None:
+        _ACTIVE.stage(name)
+    else:
+        print(f"[bco-ray] stage {name} ...", flush=True)
+
+
+def end_stage(text: str) -> None:
+    if _ACTIVE is not None:
+        _ACTIVE.end_stage(text)
+    else:
+        print(text, flush=True)
+
+
 def quiet_ray_data() -> None:
     """After ray.init: Ray's driver-side logs into our log file, and Ray Data's per-operator
     progress bars and logging-progress blocks off (our stage line replaces them; Ray Data

@@ -123,22 +123,6 @@ def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [""])[0][:300]
 
 
-def _stage_start(name: str) -> None:
-    con = console.active()
-    if con is not None:
-        con.stage(name)
-    else:
-        print(f"[bco-ray] stage {name} ...", flush=True)
-
-
-def _stage_end(name: str, seconds: float) -> None:
-    con, text = console.active(), f"[bco-ray] stage {name} done in {seconds:.1f}s"
-    if con is not None:
-        con.end_stage(text)
-    else:
-        print(text, flush=True)
-
-
 def _card(manifest: dict, cfg: Config) -> dict | None:
     """The exported model's run card, when this run has one."""
     if "train" not in manifest["stages"]:
@@ -164,8 +148,8 @@ def ray_description(cfg: Config) -> str:
         auth = "on" if is_token_auth_enabled() else "off"
     except ImportError:  # a Ray without token auth
         auth = "not supported by this Ray"
-    where = f"joined {cfg.ray.address or os.environ.get('RAY_ADDRESS')}" \
-        if (cfg.ray.address or os.environ.get("RAY_ADDRESS")) else "local cluster on 127.0.0.1"
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    where = f"joined {address}" if address else "local cluster on 127.0.0.1"
     res = ray.cluster_resources()
     return f"Ray {ray.__version__}: {where}, {res.get('CPU', 0):g} CPUs, {res.get('GPU', 0):g} GPUs, token auth {auth}"
 
@@ -220,7 +204,7 @@ def align(cfg: Config) -> dict:
             path.write_text(json.dumps(manifest, indent=2))
             console.say(f"[bco-ray] stage {name}: unchanged since the last run, skipped")
             continue
-        _stage_start(name)
+        console.stage(name)
         stage_cfg = cfg
         if name == "train":
             # Ray Train resumes any run of the same name; tie the name to the inputs and
@@ -239,7 +223,7 @@ def align(cfg: Config) -> dict:
             raise
         manifest["stages"][name] = {"key": key, "seconds": round(time.time() - t0, 2), **summary}
         path.write_text(json.dumps(manifest, indent=2))
-        _stage_end(name, time.time() - t0)
+        console.end_stage(f"[bco-ray] stage {name} done in {time.time() - t0:.1f}s")
     manifest["seconds"] = round(time.time() - t_start, 1)
     path.write_text(json.dumps(manifest, indent=2))
     report = write_report(run_dir, manifest, _card(manifest, cfg))

@@ -22,18 +22,18 @@ from bco_ray.config import RayConfig
 _NOISY_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
 
 
+def quiet_worker_loggers() -> None:
+    """Ray worker_process_setup_hook of local clusters (see _NOISY_LOGGERS)."""
+    for name in _NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 _LOCAL_SESSION: str | None = None  # the session dir of the local cluster this process started
 
 
 def local_session_dir() -> str | None:
     """Ray's session directory when this process started the cluster (None when it joined one)."""
     return _LOCAL_SESSION
-
-
-def quiet_worker_loggers() -> None:
-    """Ray worker_process_setup_hook of local clusters (see _NOISY_LOGGERS)."""
-    for name in _NOISY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def loopback_env() -> None:
