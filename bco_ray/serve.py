@@ -84,6 +84,7 @@ def start(cfg: Config) -> str:
 
     check_port(cfg.serve.host, cfg.serve.port)  # Serve's proxy would fail after the model loaded
     console.status(f"starting Ray Serve on {cfg.serve.host}:{cfg.serve.port} (loading the model)")
+    console.route_ray_logs()  # Serve's driver-side logger gets its console handler on import
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
     serve.run(build_app(cfg), name=APP_NAME, route_prefix="/", blocking=False)
     host = "127.0.0.1" if cfg.serve.host in ("0.0.0.0", "::") else cfg.serve.host
