@@ -40,19 +40,31 @@ def check_models(cfg: Config, stages: tuple[str, ...]) -> None:
                             f"point --{key} at the directory that from_pretrained() reads")
 
 
-def check_port(host: str, port: int) -> None:
-    """The serve port can be bound (Serve's proxy would otherwise fail after the model loaded)."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        try:
-            s.bind((host, port))
-        except OSError as e:
-            if e.errno == errno.EADDRINUSE:
-                raise UserError(f"port {port} on {host} is already in use (another `bco-ray serve`, or "
-                                "another server)", f"stop it, or pick a free port: --serve.port {port + 1}") from None
-            if e.errno == errno.EADDRNOTAVAIL:
-                raise UserError(f"serve.host {host!r} is not an address of this machine",
-                                "use 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)") from None
-            raise
+def check_port(host: str, port: int, wait_s: float = 0.0) -> None:
+    """The serve port can be bound (Serve's proxy would otherwise fail after the model loaded).
+
+    Bound as the HTTP server binds it, with SO_REUSEADDR: connections of an earlier server
+    in TIME_WAIT do not count, only a socket listening there. `wait_s` gives a server that
+    is shutting down (an earlier Serve proxy in this cluster) that long to let go."""
+    import time
+
+    deadline = time.time() + wait_s
+    while True:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((host, port))
+                return
+            except OSError as e:
+                if e.errno == errno.EADDRNOTAVAIL:
+                    raise UserError(f"serve.host {host!r} is not an address of this machine",
+                                    "use 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)") from None
+                if e.errno != errno.EADDRINUSE:
+                    raise
+        if time.time() >= deadline:
+            raise UserError(f"port {port} on {host} is already in use (another `bco-ray serve`, or another "
+                            f"server)", f"stop it, or pick a free port: --serve.port {port + 1}")
+        time.sleep(0.5)
 
 
 def gpu_requests(cfg: Config, stages: tuple[str, ...]) -> list[str]:

@@ -82,7 +82,9 @@ def start(cfg: Config) -> str:
     from bco_ray import console
     from bco_ray.preflight import check_port
 
-    check_port(cfg.serve.host, cfg.serve.port)  # Serve's proxy would fail after the model loaded
+    # Serve's proxy would fail after the model loaded; a proxy of an earlier serve.shutdown
+    # in this cluster may still be letting go of the port.
+    check_port(cfg.serve.host, cfg.serve.port, wait_s=15.0)
     console.status(f"starting Ray Serve on {cfg.serve.host}:{cfg.serve.port} (loading the model)")
     console.route_ray_logs()  # Serve's driver-side logger gets its console handler on import
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
