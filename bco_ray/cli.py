@@ -14,7 +14,7 @@ import sys
 import traceback
 
 from bco_ray.config import ConfigError, docs_markdown, dump_yaml, load_config
-from bco_ray.errors import UserError
+from bco_ray.errors import UserError, first_line
 
 PIPELINE = "assets -> prepare -> udm -> score-ref -> train -> serve"
 
@@ -146,8 +146,7 @@ def _report_error(con, command: str, e: Exception, verbose: bool) -> int:
         print(f"bco-ray: error: {user.problem}; {user.fix}", file=sys.stderr)
         con.log_only(f"bco-ray: error: {user.problem}; {user.fix}")
         return user.exit_code
-    first = (str(e).strip().splitlines() or [""])[0][:300]
-    print(f"bco-ray: {command} failed: {type(e).__name__}: {first}\n"
+    print(f"bco-ray: {command} failed: {type(e).__name__}: {first_line(e)}\n"
           f"  the full trace is in {con.log_path}{'' if verbose else '; --verbose shows it here'}", file=sys.stderr)
     return 1
 
@@ -156,11 +155,11 @@ def _finish(con, cfg) -> None:
     """Ray's session logs next to ours; the console's threads stop."""
     import ray
 
-    from bco_ray import console
-
     if ray.is_initialized():
         try:
-            console.copy_ray_logs(cfg.run.run_dir)
+            from bco_ray.console import copy_ray_logs
+
+            copy_ray_logs(cfg.run.run_dir)
         except OSError as e:
             con.log_only(f"could not copy Ray's logs: {e}")
     con.close()
@@ -180,10 +179,6 @@ def _run(command: str, cfg) -> int:
             print(f"{role}: {assets.resolve_model(name, cfg.model.cache_dir)}")
         return 0
     preflight.check_before_ray(cfg, command)
-    if command in ("prepare", "align"):
-        from bco_ray.ingest import check_input
-
-        check_input(cfg)
     init_ray(cfg.ray)
     preflight.check_after_ray(cfg, command)
     if command == "prepare":

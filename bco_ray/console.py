@@ -37,6 +37,7 @@ class Console:
         self._ticker: threading.Thread | None = None
         self._live = False  # a TTY status line is on screen and must be cleared before printing
         self._last_line = time.time()
+        self._file_handler: logging.Handler | None = None  # Ray's loggers write here (route_ray_logs)
 
     # -- lines
     def line(self, text: str) -> None:
@@ -128,7 +129,7 @@ def route_ray_logs() -> None:
         return
     import ray  # noqa: F401 - installs Ray's own handlers first, so that they can be moved
 
-    handler = getattr(_ACTIVE, "_file_handler", None)
+    handler = _ACTIVE._file_handler
     if handler is None:
         handler = logging.FileHandler(_ACTIVE.log_path, encoding="utf-8")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))

@@ -8,6 +8,11 @@ without a traceback (the trace goes to the run's log file, and to the console un
 from __future__ import annotations
 
 
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """An error's first line, for one-line reports (the rest goes to the log)."""
+    return (str(e).strip().splitlines() or [""])[0][:limit]
+
+
 class UserError(Exception):
     def __init__(self, problem: str, fix: str, exit_code: int = 2):
         super().__init__(f"{problem}; {fix}")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from bco_ray import __version__, console
 from bco_ray.config import Config, to_dict
+from bco_ray.errors import first_line
 from bco_ray.raycluster import init_ray
 from bco_ray.report import write_report
 
@@ -119,10 +120,6 @@ def _output_exists(name: str, cfg: Config, run_dir: Path) -> bool:
     return all(storage.exists(fs, storage.join(path, f)) for f in where[1:])
 
 
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [""])[0][:300]
-
-
 def _card(manifest: dict, cfg: Config) -> dict | None:
     """The exported model's run card, when this run has one."""
     if "train" not in manifest["stages"]:
@@ -214,7 +211,7 @@ def align(cfg: Config) -> dict:
             summary = fn(stage_cfg, run_dir)
         except BaseException as e:
             # The report is written on failure too, naming the stage and its error.
-            manifest["failed"] = {"stage": name, "error": f"{type(e).__name__}: {_first_line(e)}",
+            manifest["failed"] = {"stage": name, "error": f"{type(e).__name__}: {first_line(e)}",
                                   "seconds": round(time.time() - t0, 2)}
             path.write_text(json.dumps(manifest, indent=2))
             write_report(run_dir, manifest, _card(manifest, cfg))

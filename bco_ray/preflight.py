@@ -105,6 +105,10 @@ def check_served_model(cfg: Config) -> None:
 
 def check_before_ray(cfg: Config, command: str) -> None:
     stages = COMMAND_STAGES.get(command, ())
+    if "prepare" in stages:
+        from bco_ray.ingest import check_input
+
+        check_input(cfg)  # input, schema, date filter
     check_models(cfg, stages)
     if command == "serve":
         check_served_model(cfg)
