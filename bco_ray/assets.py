@@ -141,6 +141,27 @@ def resolve_model(name: str, cache_dir=None) -> Path:
                      "HF model directory with a config.json (hub downloads are not used)")
 
 
+def local_model_dir(uri: str, cfg) -> str:
+    """A local directory with the model (cfg: a bco_ray Config): an alias or path resolved, or
+    an s3:// prefix downloaded once into the cache (replicas and eval tasks call it on their node)."""
+    import hashlib
+
+    import pyarrow.fs as pafs
+
+    from bco_ray import storage
+
+    if not storage.is_s3(uri):
+        return str(resolve_model(uri, cfg.model.cache_dir).resolve())  # replicas have other working dirs
+    target = cache_root(cfg.model.cache_dir) / "served" / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    if not (target / "config.json").exists():
+        fs, path = storage.filesystem(uri, cfg.storage)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=target.parent)  # same filesystem: the rename below is atomic
+        pafs.copy_files(path, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        os.replace(tmp, target)
+    return str(target)
+
+
 def load_causal_lm(name: str, dtype="float32", cache_dir=None, trust_remote_code: bool = False):
     """(model, tokenizer) from safetensors only; remote code only when asked."""
     import torch

@@ -16,7 +16,7 @@ import traceback
 from bco_ray.config import ConfigError, docs_markdown, dump_yaml, load_config
 from bco_ray.errors import UserError, first_line
 
-PIPELINE = "assets -> prepare -> udm -> score-ref -> train -> serve"
+PIPELINE = "assets -> prepare -> udm -> score-ref -> train -> eval -> serve"
 
 
 def _config_parent() -> argparse.ArgumentParser:
@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stage: reference model's log-prob of every prepared completion (vLLM or transformers)")
     sub.add_parser("train", parents=[parent],
                    help="stage: BCO (or KTO/DPO) on Ray Train from the scored data; exports the aligned model")
+    sub.add_parser("eval", parents=[parent],
+                   help="stage: the trained model vs its reference on held-out prompts (looping, length, KL, a "
+                        "judge); exit 1 when the gate rejects it")
     sub.add_parser("serve", parents=[parent],
                    help="stage: the aligned model behind an OpenAI-compatible HTTP API (Ray Serve), with feedback")
     sm = sub.add_parser("submit", parents=[parent],
@@ -198,6 +201,11 @@ def _run(command: str, cfg) -> int:
 
         card = train(cfg)
         print(f"[bco-ray] model: {card['model']} (run card: {card['model']}/run_card.json)")
+        return 0
+    if command == "eval":
+        from bco_ray.eval_stage import evaluate
+
+        evaluate(cfg)  # prints its summary; a rejected model raises (exit 1)
         return 0
     if command == "serve":
         import time

@@ -128,6 +128,7 @@ class UDMConfig:
     eval_sample_size: int = knob(512, "Prompts sampled per label from the eval split for held-out accuracy / AUC.")
     min_density_ratio: float = knob(0.5, "Lower clamp of the weight p / (1 - p).")
     max_density_ratio: float = knob(10.0, "Upper clamp of the weight.")
+    min_auc: float | None = knob(0.55, "Apply the weights only when the classifier's held-out AUC, at its 95 % lower bound, reaches this (it found a prompt shift); else every weight is 1 and the report says why. null: always apply.")
     l2_c: float = knob(1.0, "Inverse L2 strength of the logistic regression (sklearn's C), class-balanced.")
     max_embed_length: int = knob(256, "Prompt tokens fed to the embedder (longer prompts are truncated, not overflowed).")
     embed_batch_size: int = knob(64, "Prompts per embedder forward pass.")
@@ -196,6 +197,37 @@ class TrainConfig:
     peak_tflops: float | None = knob(None, "Peak dense TFLOP/s per worker for MFU; null: 989 on H100/H200 in bf16, else MFU is not shown.")
 
 
+JUDGE_PROMPT = ("Rate how helpful, correct and well written the answer is, from 1 (useless or broken) to 10 "
+                "(excellent). Reply with the number only.\n\nQuestion:\n{prompt}\n\nAnswer:\n{answer}")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """`bco-ray eval`: the candidate vs its reference on held-out prompts, and the gate."""
+
+    enabled: bool = knob(True, "align runs this stage after train; a rejected model stops the run before serve.")
+    model: str | None = knob(None, "Candidate model (HF directory or s3:// prefix); null is train.export or <run_dir>/model.")
+    input: str | None = knob(None, "Prepared data whose eval split gives the prompts (and the feedback judge its rows); null is ingest.output or <run_dir>/prepared.")
+    prompts: str | None = knob(None, "A JSONL file of prompts instead ({\"prompt\": text} or {\"messages\": [...]} per line).")
+    num_prompts: int = knob(64, "Held-out prompts evaluated (a seeded choice among the eval split's distinct prompts).")
+    samples: int = knob(1, "Sampled answers per prompt at temperature 1 (with the same seeds for both models), besides the greedy one.")
+    max_tokens: int = knob(64, "Longest answer; the share of answers cut here is a gate.")
+    batch_size: int = knob(16, "Prompts decoded together.")
+    num_cpus: float = knob(1.0, "CPUs of the eval task (it also takes one GPU when the cluster has any).")
+    judge: Literal["feedback", "reward-model", "openai", "none"] = knob("feedback", "Judge of answer quality: a classifier on embeddings learnt from the train split's thumbs, a reward-model directory, an OpenAI-compatible LLM judge, or none.")
+    judge_model: str | None = knob(None, "reward-model: its HF directory; openai: the model name to ask.")
+    judge_url: str | None = knob(None, "openai: the judge's base URL (e.g. http://127.0.0.1:8001/v1).")
+    judge_api_key_env: str = knob("BCO_RAY_JUDGE_API_KEY", "openai: environment variable holding the judge's API key (never put the key in config).")
+    judge_prompt: str = knob(JUDGE_PROMPT, "openai: the judge's prompt, with {prompt} and {answer}; the first number 1-10 in the reply is the score.")
+    judge_sample_size: int = knob(2048, "feedback: train-split completions per label the judge learns from.")
+    max_degenerate_increase: float | None = knob(0.10, "Gate: share of looping answers (over half of the token trigrams repeats) above the reference's; null: not checked.")
+    max_length_increase: float | None = knob(0.20, "Gate: share of answers cut at max_tokens above the reference's; null: not checked.")
+    max_empty_increase: float | None = knob(0.10, "Gate: share of empty answers above the reference's; null: not checked.")
+    max_kl_per_token: float | None = knob(1.0, "Gate: KL(candidate || reference) in nats per token on the candidate's own samples; null: not checked.")
+    enforce: bool = knob(True, "A rejected model fails the run (exit 1) and is marked so beside the export (serve refuses it); false: only reported.")
+    output: str | None = knob(None, "Where eval.json and samples.jsonl go (local directory); null is <run_dir>/eval.")
+
+
 @dataclass(frozen=True)
 class ServeConfig:
     """`bco-ray serve`: the aligned model behind an OpenAI-compatible HTTP API (Ray Serve)."""
@@ -239,6 +271,7 @@ class Config:
     score: ScoreConfig = field(default_factory=ScoreConfig, metadata={"help": "Reference log-probs."})
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig, metadata={"help": "Loss and reward shift."})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "Ray Train: workers, optimisation, checkpoints, export."})
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "Generation quality of the trained model vs the reference, and the gate."})
     serve: ServeConfig = field(default_factory=ServeConfig, metadata={"help": "The OpenAI-compatible endpoint and its feedback log."})
 
 

@@ -2,7 +2,7 @@
 
 Each stage is a function (cfg, run_dir) -> summary dict that also runs on its own through
 its CLI subcommand. Stages are added here as they are built; the order is the product's:
-assets -> prepare -> udm -> score-ref -> train -> serve.
+assets -> prepare -> udm -> score-ref -> train -> eval -> serve.
 """
 
 from __future__ import annotations
@@ -64,6 +64,15 @@ def stage_train(cfg: Config, run_dir: Path) -> dict:
             "final_eval": card["final_eval"]}
 
 
+def stage_eval(cfg: Config, run_dir: Path) -> dict:
+    """The trained model vs the reference on held-out prompts; a rejected model stops the run
+    here, before it is served."""
+    from bco_ray.eval_stage import evaluate
+
+    s = evaluate(cfg)
+    return {k: s[k] for k in ("passed", "enforced", "reasons", "model", "prompts_from", "metrics", "side_by_side")}
+
+
 def stage_serve(cfg: Config, run_dir: Path) -> dict:
     """Serve the exported model, answer one chat request over HTTP, stop (the smoke test a
     user would do by hand); `bco-ray serve` keeps it running."""
@@ -86,7 +95,7 @@ def stage_serve(cfg: Config, run_dir: Path) -> dict:
 
 
 STAGES = [("assets", stage_assets), ("prepare", stage_prepare), ("score-ref", stage_score_ref),
-          ("train", stage_train), ("serve", stage_serve)]
+          ("train", stage_train), ("eval", stage_eval), ("serve", stage_serve)]
 
 
 def _hash(obj) -> str:
@@ -107,6 +116,9 @@ def stage_key(name: str, cfg: Config, keys: dict) -> str | None:
                       cfg.objective.loss == "kto"])
     if name == "train":
         return _hash([keys.get("score-ref"), c["train"], c["objective"], cfg.model.policy, cfg.run.seed])
+    if name == "eval":
+        return _hash([keys.get("train"), c["eval"], cfg.model.reference or cfg.model.policy, cfg.model.embedder,
+                      cfg.model.dtype, cfg.run.seed])
     return None
 
 
@@ -115,7 +127,8 @@ def _output_exists(name: str, cfg: Config, run_dir: Path) -> bool:
 
     where = {"prepare": (cfg.ingest.output or str(run_dir / "prepared"), "manifest.json"),
              "score-ref": (cfg.score.output or str(run_dir / "scored"), "manifest.json"),
-             "train": (cfg.train.export or str(run_dir / "model"), "run_card.json", "config.json")}[name]
+             "train": (cfg.train.export or str(run_dir / "model"), "run_card.json", "config.json"),
+             "eval": (cfg.train.export or str(run_dir / "model"), "eval.json")}[name]
     fs, path = storage.filesystem(where[0], cfg.storage)
     return all(storage.exists(fs, storage.join(path, f)) for f in where[1:])
 
@@ -159,8 +172,9 @@ def summary_lines(manifest: dict, report: Path) -> list[str]:
         rows.append(("rows", f"{p['rows_read']} read, {p['kept']} kept, {p['quarantined']} quarantined, "
                              f"{p['deduplicated']} deduplicated"))
         udm = p.get("udm") or {}
-        rows.append(("UDM", f"held-out AUC {udm['heldout_auc']:.3f}" if udm.get("heldout_auc") is not None
-                     else ("on" if udm.get("enabled") else "off")))
+        rows.append(("UDM", (f"held-out AUC {udm['heldout_auc']:.3f}, weights "
+                             f"{'applied' if udm.get('applied', True) else 'not applied (no prompt shift shown)'}")
+                     if udm.get("heldout_auc") is not None else ("on" if udm.get("enabled") else "off")))
     if t := st.get("train"):
         ev, fm = t.get("final_eval") or {}, t.get("final_metrics") or {}
         rows.append(("training", f"{t['steps']} steps, final loss {fm.get('loss', float('nan')):.4f}; eval loss "
@@ -168,6 +182,13 @@ def summary_lines(manifest: dict, report: Path) -> list[str]:
                                  f"{ev.get('eval/reward_accuracy', float('nan')):.3f}, margin "
                                  f"{ev.get('eval/rewards/margin', float('nan')):+.4f}"))
         rows.append(("model", str(t["model"])))
+    if (e := st.get("eval")) and "metrics" in e:
+        g = e["metrics"]["greedy"]
+        kl = e["metrics"].get("kl")
+        rows.append(("eval", f"{'passed' if e['passed'] else 'REJECTED'}; greedy looping "
+                             f"{g['degenerate']['candidate']['rate']:.0%} (reference "
+                             f"{g['degenerate']['reference']['rate']:.0%})"
+                             + (f", KL {kl['per_token']:.4f} nats/token" if kl else "")))
     if s := st.get("serve"):
         rows.append(("served", f"{s['url']}: Q: {s['question']}"))
         rows.append(("answer", " ".join(str(s["answer"]).split())[:200]))
@@ -200,6 +221,10 @@ def align(cfg: Config) -> dict:
             manifest["stages"][name] = {**before, "skipped": True}
             path.write_text(json.dumps(manifest, indent=2))
             console.say(f"[bco-ray] stage {name}: unchanged since the last run, skipped")
+            continue
+        if name == "eval" and not cfg.eval.enabled:
+            manifest["stages"][name] = {"disabled": True}
+            console.say("[bco-ray] stage eval: off (eval.enabled false); the model is served unchecked")
             continue
         console.stage(name)
         stage_cfg = cfg

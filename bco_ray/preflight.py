@@ -14,8 +14,8 @@ from bco_ray.config import Config
 from bco_ray.errors import UserError
 
 # The stages of `align` each command runs (the pre-flight checks only what those need).
-COMMAND_STAGES = {"align": ("assets", "prepare", "score-ref", "train", "serve"), "prepare": ("prepare",),
-                  "score-ref": ("score-ref",), "train": ("train",), "serve": ("serve",)}
+COMMAND_STAGES = {"align": ("assets", "prepare", "score-ref", "train", "eval", "serve"), "prepare": ("prepare",),
+                  "score-ref": ("score-ref",), "train": ("train",), "eval": ("eval",), "serve": ("serve",)}
 
 
 def check_models(cfg: Config, stages: tuple[str, ...]) -> None:
@@ -27,6 +27,13 @@ def check_models(cfg: Config, stages: tuple[str, ...]) -> None:
         roles += [("model.policy", cfg.model.policy), ("model.reference", cfg.model.reference)]
     if {"assets", "prepare"} & set(stages) and cfg.udm.enabled:
         roles.append(("model.embedder", cfg.model.embedder))
+    if "eval" in stages and cfg.eval.enabled:
+        roles += [("model.policy", cfg.model.policy), ("model.reference", cfg.model.reference)]
+        if cfg.eval.judge == "feedback":
+            roles.append(("model.embedder", cfg.model.embedder))
+        if cfg.eval.judge == "reward-model" and cfg.eval.judge_model and "://" not in cfg.eval.judge_model:
+            roles.append(("eval.judge_model", cfg.eval.judge_model))
+    roles = list(dict.fromkeys(roles))
     for key, name in roles:
         if name is None or name in ALIASES:
             continue
@@ -101,6 +108,30 @@ def check_served_model(cfg: Config) -> None:
         raise UserError(f"no model to serve at {uri}",
                         "train one first (`bco-ray train` or `bco-ray align`), or point --serve.model at a HF model "
                         "directory or s3:// prefix")
+    from bco_ray.serve import refuse_rejected
+
+    refuse_rejected(str(Path(uri).expanduser()), uri)
+
+
+def check_eval(cfg: Config, command: str) -> None:
+    """The eval stage's inputs that a typo would otherwise fail minutes later."""
+    ec = cfg.eval
+    if ec.prompts and not Path(ec.prompts).expanduser().is_file():
+        raise UserError(f"eval.prompts {ec.prompts!r} is not a file", 'give a JSONL file, one {"prompt": "..."} per line')
+    if ec.judge == "reward-model" and not ec.judge_model:
+        raise UserError("eval.judge 'reward-model' needs eval.judge_model",
+                        "set --eval.judge_model to a HF sequence-classification directory")
+    if ec.judge == "openai" and not (ec.judge_url and ec.judge_model):
+        raise UserError("eval.judge 'openai' needs eval.judge_url and eval.judge_model",
+                        "e.g. --eval.judge_url http://127.0.0.1:8001/v1 --eval.judge_model my-judge")
+    if command == "eval":
+        from bco_ray import storage
+        from bco_ray.eval_stage import candidate_uri
+
+        uri = candidate_uri(cfg)
+        if not storage.is_s3(uri) and not (Path(uri).expanduser() / "config.json").is_file():
+            raise UserError(f"no model to evaluate at {uri}",
+                            "train one first (`bco-ray train`), or point --eval.model at a HF model directory")
 
 
 def check_before_ray(cfg: Config, command: str) -> None:
@@ -110,6 +141,8 @@ def check_before_ray(cfg: Config, command: str) -> None:
 
         check_input(cfg)  # input, schema, date filter
     check_models(cfg, stages)
+    if "eval" in stages and (cfg.eval.enabled or command == "eval"):
+        check_eval(cfg, command)
     if command == "serve":
         check_served_model(cfg)
     if "serve" in stages:

@@ -41,6 +41,55 @@ def training_plot(card: dict) -> bytes:
     return buf.getvalue()
 
 
+def _pct(r: dict) -> str:
+    return f"{r['rate']:.0%} [{r['ci95'][0]:.0%}, {r['ci95'][1]:.0%}]"
+
+
+def _quote(text: str, limit: int = 300) -> str:
+    t = " ".join(str(text).split())
+    t = t if len(t) <= limit else t[:limit] + " …"
+    return (t or "(empty)").replace("|", "\\|")
+
+
+def eval_section(e: dict) -> list[str]:
+    """The eval stage: verdict, candidate vs reference with 95 % intervals, answers side by side."""
+    m = e["metrics"]
+    verdict = "**passed**" if e["passed"] else ("**REJECTED**" + ("" if e["enforced"] else " (not enforced)")
+                                                + ": " + "; ".join(e["reasons"]))
+    lines = ["", "## Evaluation", "", f"Gate: {verdict}. {m['prompts']} prompts from {e['prompts_from']}; "
+             "candidate = the trained model, reference = the model it started from, same prompts and sampling "
+             "seeds. Rates with 95 % Wilson intervals; every answer is in `eval/samples.jsonl`.", "",
+             "| measure | mode | candidate | reference |", "|---|---|---|---|"]
+    for mode in ("greedy", "sampled"):
+        if g := m.get(mode):
+            for key, what in (("degenerate", "looping answers"), ("at_max_tokens", "cut at max_tokens"),
+                              ("empty", "empty answers")):
+                lines.append(f"| {what} | {mode} | {_pct(g[key]['candidate'])} | {_pct(g[key]['reference'])} |")
+            lines.append(f"| mean length (tokens) | {mode} | {g['tokens']['candidate']:.1f} | "
+                         f"{g['tokens']['reference']:.1f} |")
+            lines.append(f"| distinct-2 | {mode} | {g['distinct_2']['candidate']:.3f} | "
+                         f"{g['distinct_2']['reference']:.3f} |")
+    if kl := m.get("kl"):
+        lines.append(f"| KL to reference (nats/token) | sampled | {kl['per_token']:.4f} "
+                     f"[{kl['per_token_ci95'][0]:.4f}, {kl['per_token_ci95'][1]:.4f}] | 0 |")
+    if j := m.get("judge"):
+        info = j["info"]
+        for mode in ("greedy", "sampled"):
+            if s := j.get(mode):
+                lines.append(f"| judge score ({info['kind']}) | {mode} | {s['candidate']:.3f} | {s['reference']:.3f} |")
+                lines.append(f"| judge: candidate wins | {mode} | {s['win_rate']:.0%} "
+                             f"[{s['win_rate_ci95'][0]:.0%}, {s['win_rate_ci95'][1]:.0%}] | |")
+        if info.get("heldout_auc") is not None:
+            note = " (below 0.6 it can barely tell good from bad: read its scores as weak)" \
+                if info["heldout_auc"] < 0.6 else ""
+            lines += ["", f"The feedback judge (a classifier on embeddings of thumbs-up vs thumbs-down completions) "
+                          f"has held-out AUC {info['heldout_auc']:.3f}{note}."]
+    lines += ["", "Greedy answers, side by side:", "", "| prompt | reference | candidate |", "|---|---|---|"]
+    lines += [f"| {_quote(r['prompt'], 160)} | {_quote(r['reference'])} | {_quote(r['candidate'])} |"
+              for r in e["side_by_side"]]
+    return lines
+
+
 def write_report(run_dir: Path, manifest: dict, card: dict | None) -> Path:
     out = run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
@@ -63,8 +112,8 @@ def write_report(run_dir: Path, manifest: dict, card: dict | None) -> Path:
                   f"{p['deduplicated']} deduplicated."]
         udm = p.get("udm") or {}
         if udm.get("enabled"):
-            lines += ["", f"UDM classifier: held-out AUC {udm.get('heldout_auc', float('nan')):.3f}; "
-                      "diagnostics: `prepared/udm/diagnostics.png`.", "",
+            lines += ["", f"UDM classifier: held-out AUC {udm.get('heldout_auc', float('nan')):.3f}; weights "
+                      f"{udm.get('decision', 'on')}; diagnostics: `prepared/udm/diagnostics.png`.", "",
                       "![UDM diagnostics](../prepared/udm/diagnostics.png)"]
     if card:
         (out / "training.png").write_bytes(training_plot(card))
@@ -76,6 +125,10 @@ def write_report(run_dir: Path, manifest: dict, card: dict | None) -> Path:
                   f"{ev.get('eval/reward_accuracy', float('nan')):.3f}, eval margin "
                   f"{ev.get('eval/rewards/margin', float('nan')):+.4f}.", "",
                   f"Model: `{card['model']}` (run card beside it).", "", "![training](training.png)"]
+    if (e := st.get("eval")) and "metrics" in e:
+        lines += eval_section(e)
+    elif e and e.get("disabled"):
+        lines += ["", "## Evaluation", "", "Off (`eval.enabled: false`): the model was not checked before serving."]
     if "serve" in st:
         s = st["serve"]
         lines += ["", "## Served", "", f"`{s['url']}` answered:", "", f"> **Q:** {s['question']}", ">",

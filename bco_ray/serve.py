@@ -9,34 +9,29 @@ Clients change only their base_url: `OpenAI(base_url="http://127.0.0.1:8000/v1",
 from __future__ import annotations
 
 import os
-import tempfile
 
 from bco_ray import storage
+from bco_ray.assets import local_model_dir
 from bco_ray.config import Config, ConfigError, to_dict
 
 APP_NAME = "bco-ray"
 
 
-def local_model_dir(uri: str, cfg: Config) -> str:
-    """A local directory with the model: the path itself, or an s3:// prefix downloaded once."""
-    import hashlib
+def refuse_rejected(model_dir: str, uri: str) -> None:
+    """The eval gate's verdict (eval.json beside the weights) is binding: a rejected model is
+    not served. Models evaluated with eval.enforce false, or never evaluated, are."""
+    import json
 
-    import pyarrow.fs as pafs
+    from bco_ray.errors import UserError
 
-    if not storage.is_s3(uri):
-        from bco_ray.assets import resolve_model
-
-        return str(resolve_model(uri, cfg.model.cache_dir).resolve())  # replicas have other working dirs
-    from bco_ray.assets import cache_root
-
-    target = cache_root(cfg.model.cache_dir) / "served" / hashlib.sha256(uri.encode()).hexdigest()[:16]
-    if not (target / "config.json").exists():
-        fs, path = storage.filesystem(uri, cfg.storage)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = tempfile.mkdtemp(dir=target.parent)  # same filesystem: the rename below is atomic
-        pafs.copy_files(path, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-        os.replace(tmp, target)
-    return str(target)
+    path = os.path.join(model_dir, "eval.json")
+    if not os.path.exists(path):
+        return
+    verdict = json.loads(open(path).read())
+    if not verdict.get("passed", True) and verdict.get("enforced", True):
+        raise UserError(f"the model at {uri} was rejected by the eval gate ({'; '.join(verdict.get('reasons', []))})",
+                        "serve an earlier model, or re-evaluate with `bco-ray eval --eval.enforce false` to serve "
+                        "it anyway")
 
 
 def build_app(cfg: Config):
@@ -50,6 +45,7 @@ def build_app(cfg: Config):
     sc = cfg.serve
     model_uri = sc.model or cfg.train.export or storage.join(cfg.run.run_dir, "model")
     model_dir = local_model_dir(model_uri, cfg)
+    refuse_rejected(model_dir, model_uri)
     version = f"{model_uri}@{model_fingerprint(model_dir)['sha256'][:12]}"
     cluster_gpus = ray.cluster_resources().get("GPU", 0)
     gpus = sc.gpus_per_replica if sc.gpus_per_replica is not None else (1.0 if cluster_gpus > 0 else 0.0)

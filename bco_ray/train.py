@@ -166,6 +166,9 @@ def train(cfg: Config, _fail_at_step: int | None = None, _fail_marker: str | Non
         "seconds": round(time.time() - t0, 1), "config": to_dict(cfg),
     }
     efs, epath = storage.filesystem(export_uri, cfg.storage)
+    stale = storage.join(epath, "eval.json")  # an earlier model's eval verdict: not this model's
+    if storage.exists(efs, stale):
+        efs.delete_file(stale)
     storage.write_bytes(efs, storage.join(epath, "run_card.json"), json.dumps(card, indent=1).encode())
     storage.write_bytes(efs, storage.join(epath, "README.md"), _card_markdown(card).encode())
     return card

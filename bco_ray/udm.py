@@ -96,6 +96,15 @@ def roc_auc(scores: np.ndarray, y: np.ndarray) -> float:
     return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
+def auc_lower_bound(auc: float, n_pos: int, n_neg: int, z: float = 1.96) -> float:
+    """Lower end of the AUC's 95 % interval, with Hanley & McNeil's (1982) standard error."""
+    if not (n_pos and n_neg) or not np.isfinite(auc):
+        return float("nan")
+    q1, q2 = auc / (2 - auc), 2 * auc * auc / (1 + auc)
+    var = (auc * (1 - auc) + (n_pos - 1) * (q1 - auc * auc) + (n_neg - 1) * (q2 - auc * auc)) / (n_pos * n_neg)
+    return float(auc - z * np.sqrt(max(var, 0.0)))
+
+
 def calibration(p: np.ndarray, y: np.ndarray, bins: int = 10) -> list[dict]:
     """Reliability table: mean predicted P(thumbs-up) vs observed share, per probability bin."""
     p, y = np.asarray(p, dtype=np.float64), np.asarray(y, dtype=bool)

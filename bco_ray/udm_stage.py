@@ -13,12 +13,13 @@ import json
 import numpy as np
 import pyarrow as pa
 
-from bco_ray import storage
+from bco_ray import console, storage
 from bco_ray.config import Config
 from bco_ray.udm import (
     PromptEmbedder,
     UDMClassifier,
     UDMWeigher,
+    auc_lower_bound,
     calibration,
     fit_logistic_regression,
     roc_auc,
@@ -111,13 +112,28 @@ def fit_and_weigh(ds, cfg: Config, fs, udm_dir: str):
         "heldout_accuracy": float(((p_ho > 0.5) == y_ho).mean()),
         "heldout_calibration": calibration(p_ho, y_ho),
     }
+    lower = auc_lower_bound(clf.metrics["heldout_auc"], int(y_ho.sum()), int((~y_ho).sum()))
+    clf.metrics["heldout_auc_lower95"] = lower
     storage.write_bytes(fs, storage.join(udm_dir, "classifier.json"), clf.to_json().encode())
+    if uc.min_auc is not None and not lower >= uc.min_auc:
+        # A classifier that cannot tell the labels' prompts apart (no prompt shift, or too few
+        # prompts to see one) still spreads weights over [0.5, 10]: noise in the loss, no gain.
+        decision = (f"off: held-out AUC {clf.metrics['heldout_auc']:.3f}, its 95 % lower bound {lower:.3f} is "
+                    f"below udm.min_auc {uc.min_auc} (no prompt shift shown); every weight is 1")
+        console.say(f"[udm] weights {decision}")
+        return ds.map_batches(_add_unit_weight, batch_format="pyarrow"), \
+            {"enabled": True, "applied": False, "decision": decision,
+             **{k: v for k, v in clf.metrics.items() if k != "heldout_calibration"}}
+    decision = (f"on: held-out AUC {clf.metrics['heldout_auc']:.3f} (95 % lower bound {lower:.3f}"
+                + (f" >= udm.min_auc {uc.min_auc})" if uc.min_auc is not None else ", udm.min_auc null)"))
+    console.say(f"[udm] weights {decision}")
     weighted = ds.map_batches(
         UDMWeigher, fn_constructor_kwargs={"model_dir": model_dir, "classifier_json": clf.to_json(),
                                            "batch_size": uc.embed_batch_size},
         batch_size=uc.embed_batch_size, batch_format="pyarrow", num_cpus=cfg.ingest.num_cpus_per_task,
         compute=ray.data.ActorPoolStrategy(size=uc.embed_actors))
-    return weighted, {"enabled": True, **{k: v for k, v in clf.metrics.items() if k != "heldout_calibration"}}
+    return weighted, {"enabled": True, "applied": True, "decision": decision,
+                      **{k: v for k, v in clf.metrics.items() if k != "heldout_calibration"}}
 
 
 def _weight_hist(batch: dict, edges: np.ndarray) -> dict:

@@ -36,9 +36,12 @@ def test_the_summary_names_every_figure_a_newcomer_looks_for():
                     "udm": {"enabled": True, "heldout_auc": 0.685}},
         "train": {"steps": 20, "model": "/runs/demo/model", "final_metrics": {"loss": 0.55},
                   "final_eval": {"eval/loss": 0.64, "eval/reward_accuracy": 0.76, "eval/rewards/margin": 0.49}},
+        "eval": {"passed": True, "metrics": {"greedy": {"degenerate": {"candidate": {"rate": 0.0625},
+                                                                        "reference": {"rate": 0.03125}}},
+                                             "kl": {"per_token": 0.0412}}},
         "serve": {"url": "http://127.0.0.1:8000/v1", "question": "Q?", "answer": "An\nanswer."}}}
     text = "\n".join(summary_lines(manifest, Path("runs/demo/report/report.md")))
     for expected in ("682 read, 651 kept, 30 quarantined, 4 deduplicated", "held-out AUC 0.685", "20 steps",
                      "eval loss 0.6400", "reward accuracy 0.760", "/runs/demo/model", "An answer.",
-                     "runs/demo/report/report.md", "301 s"):
+                     "runs/demo/report/report.md", "301 s", "passed; greedy looping 6% (reference 3%), KL 0.0412"):
         assert expected in text, expected

@@ -56,6 +56,7 @@ def test_demo_log_every_reason_and_exact_accounting(ray_local, tmp_path):
     # UDM on shifted logs found the shift, and its weights move thumbs-down prompts toward
     # the thumbs-up prompt distribution (share of the over-thumbed-down topics).
     assert m["udm"]["heldout_auc"] > 0.6, m["udm"]
+    assert m["udm"]["applied"] and m["udm"]["decision"].startswith("on:"), m["udm"]
     clf = json.loads((out / "udm" / "classifier.json").read_text())
     assert clf["format"] == "bco-ray-udm-v1" and len(clf["coef"]) == 384
     assert (out / "udm" / "diagnostics.png").read_bytes()[:4] == b"\x89PNG"
@@ -89,7 +90,13 @@ def test_unshifted_logs_give_auc_near_half_and_weights_near_one(ray_local, tmp_p
     m = prepare(load_config(None, BASE + ["--ingest.input", log, "--run.run_dir", str(tmp_path / "run")]))
     check_accounting(m)
     assert abs(m["udm"]["heldout_auc"] - 0.5) < 0.12, m["udm"]
-    assert 0.75 < m["udm"]["thumbs_down_weight"]["mean"] < 1.35, m["udm"]
+    # No shift shown (the AUC's lower bound is under udm.min_auc): the weights are not applied.
+    assert m["udm"]["applied"] is False and "below udm.min_auc" in m["udm"]["decision"], m["udm"]
+    assert m["udm"]["thumbs_down_weight"]["mean"] == 1.0, m["udm"]
+    # With min_auc null the noisy weights are applied, as before: spread around 1.
+    m = prepare(load_config(None, BASE + ["--ingest.input", log, "--run.run_dir", str(tmp_path / "run2"),
+                                          "--udm.min_auc", "null"]))
+    assert m["udm"]["applied"] and 0.75 < m["udm"]["thumbs_down_weight"]["mean"] < 1.35, m["udm"]
 
 
 def test_s3_partitioned_logs_date_filter_and_s3_outputs(ray_local, s3_endpoint, tmp_path):

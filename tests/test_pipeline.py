@@ -36,9 +36,14 @@ def test_align_on_the_demo_config(ray_local, tmp_path, monkeypatch):
     train = saved["stages"]["train"]
     assert train["steps"] == 3 and Path(train["model"], "model.safetensors").exists()
     assert Path(train["model"]) == tmp_path / "run" / "model"
+    ev = saved["stages"]["eval"]
+    assert ev["passed"] and ev["prompts_from"].startswith("the eval split"), ev
+    assert ev["metrics"]["greedy"]["degenerate"]["candidate"]["n"] == 24  # the demo config's eval.num_prompts
+    assert (tmp_path / "run" / "eval" / "eval.json").exists() and (tmp_path / "run" / "model" / "eval.json").exists()
     assert saved["stages"]["serve"]["usage"]["completion_tokens"] > 0
     assert (tmp_path / "run" / "report" / "report.md").exists() and (tmp_path / "run" / "report" / "training.png").exists()
+    assert "## Evaluation" in (tmp_path / "run" / "report" / "report.md").read_text()
     # Rerun: the unchanged stages are skipped, and the job still ends with a served answer.
     again = align(cfg)
-    assert all(again["stages"][s]["skipped"] for s in ("prepare", "score-ref", "train"))
+    assert all(again["stages"][s]["skipped"] for s in ("prepare", "score-ref", "train", "eval"))
     assert again["stages"]["serve"]["answer"] == saved["stages"]["serve"]["answer"]  # greedy, same model

@@ -29,8 +29,8 @@ def vllm_server(ray_local, tmp_path_factory):
 
 def test_vllm_greedy_matches_the_transformers_engine(vllm_server):
     """Same weights, same token ids, fp32: greedy decoding gives the same text as HFEngine."""
+    from bco_ray.assets import local_model_dir
     from bco_ray.generate import HFEngine, Sampling
-    from bco_ray.serve import local_model_dir
 
     c = vllm_server["client"]
     hf = HFEngine(local_model_dir("tiny-llama", vllm_server["cfg"]))

@@ -132,7 +132,7 @@ def test_checkpoints_and_export_on_s3_and_the_model_serves_from_there(scored, tm
     import pyarrow.fs as pafs
     from transformers import AutoModelForCausalLM
 
-    from bco_ray.serve import local_model_dir
+    from bco_ray.assets import local_model_dir
 
     s3 = ["--storage.endpoint_url", s3_endpoint, "--storage.access_key_id", "testing",
           "--storage.secret_access_key", "testing", "--storage.region", "us-east-1"]

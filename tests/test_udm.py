@@ -50,3 +50,14 @@ def test_classifier_json_round_trip_and_calibration():
         UDMClassifier.from_json('{"coef": []}')
     cal = calibration(np.array([0.05, 0.15, 0.95]), np.array([False, True, True]))
     assert sum(c["count"] for c in cal) == 3
+
+
+def test_auc_lower_bound_is_hanley_mcneil():
+    from bco_ray.udm import auc_lower_bound
+
+    # A = 0.8, 50 per label: Q1 = 0.8/1.2, Q2 = 1.28/1.8, var = (0.16 + 49 (Q1 - 0.64) + 49 (Q2 - 0.64)) / 2500
+    q1, q2 = 0.8 / 1.2, 1.28 / 1.8
+    se = ((0.16 + 49 * (q1 - 0.64) + 49 * (q2 - 0.64)) / 2500) ** 0.5
+    assert auc_lower_bound(0.8, 50, 50) == pytest.approx(0.8 - 1.96 * se)
+    assert round(se, 4) == 0.0445  # the formula by hand
+    assert auc_lower_bound(0.5, 0, 10) != auc_lower_bound(0.5, 0, 10)  # NaN without both labels
