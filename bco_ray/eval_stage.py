@@ -16,9 +16,11 @@ The work is one Ray task (one GPU when the cluster has any); `run_eval` under it
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import heapq
 import json
+import os
 import time
 from pathlib import Path
 
@@ -288,7 +290,11 @@ def evaluate(cfg: Config) -> dict:
     console.status("generating answers (candidate, then reference)")
     gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
     task = ray.remote(num_cpus=ec.num_cpus, num_gpus=gpus, max_retries=0)(_task)
-    report = ray.get(task.remote(to_dict(cfg), prompts, max(1, int(ec.num_cpus))))
+    # Local paths as the driver sees them: the task may run in another working directory.
+    here = {"model": cand_uri, "input": _prepared_dir(cfg)}
+    here = {k: v if storage.is_s3(v) else os.path.abspath(v) for k, v in here.items()}
+    task_cfg = dataclasses.replace(cfg, eval=dataclasses.replace(ec, **here))
+    report = ray.get(task.remote(to_dict(task_cfg), prompts, max(1, int(ec.num_cpus))))
     reasons = quality.gate(report, limits(cfg))
     passed = not reasons
     verdict = {"passed": passed, "enforced": ec.enforce, "reasons": reasons, "model": cand_uri,

@@ -128,7 +128,7 @@ def _output_exists(name: str, cfg: Config, run_dir: Path) -> bool:
     where = {"prepare": (cfg.ingest.output or str(run_dir / "prepared"), "manifest.json"),
              "score-ref": (cfg.score.output or str(run_dir / "scored"), "manifest.json"),
              "train": (cfg.train.export or str(run_dir / "model"), "run_card.json", "config.json"),
-             "eval": (cfg.train.export or str(run_dir / "model"), "eval.json")}[name]
+             "eval": (cfg.eval.model or cfg.train.export or str(run_dir / "model"), "eval.json")}[name]
     fs, path = storage.filesystem(where[0], cfg.storage)
     return all(storage.exists(fs, storage.join(path, f)) for f in where[1:])
 

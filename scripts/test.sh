@@ -5,4 +5,5 @@ source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
 # Ray's Unix sockets need short paths: pytest's default basetemp is too long.
 base=/tmp/bcrt-$$
 trap 'rm -rf "$base"' EXIT
-exec python -m pytest --basetemp="$base" "$@"
+# The slowest tests are printed so that the 40-minute CI budget can be kept in view.
+exec python -m pytest --basetemp="$base" --durations=25 "$@"
