@@ -300,8 +300,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             except ConfigError:
                 pass
     elif origin is Literal:
-        if value in args:
+        if value in args and not isinstance(value, bool):
             return value
+        # YAML 1.1 reads an unquoted `no` (train.mixed_precision's) as false: take the choice back.
+        for a in args:
+            if isinstance(value, bool) and isinstance(a, str) and yaml.safe_load(a) is value:
+                return a
     elif origin in (list, tuple):
         if isinstance(value, list | tuple):
             items = [_coerce(v, args[0], where) for v in value] if args else list(value)

@@ -1,5 +1,8 @@
 """bench/alignment.py at toy size: the benchmark keeps working (real judge data from PyPI,
-real pipeline stages, every variant), and what it writes is consistent.
+real pipeline stages), and what it writes is consistent. Four of the seven variants: between
+them every objective (BCO, KTO, DPO), UDM on and off and both logs; the other three differ
+from these by one objective flag (delta_mode zero, udm_weights false), each tested numerically
+in test_trainstep. The three cost 1.5 min of CI.
 
 The full-size figures come from `python bench/alignment.py` (docs/alignment-benchmark.md)."""
 
@@ -15,18 +18,22 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_toy_alignment_benchmark_runs_every_variant(ray_local, tmp_path, monkeypatch):
+SUBSET = ["BCO + UDM", "KTO", "DPO", "BCO (shifted log)"]
+
+
+def test_toy_alignment_benchmark_runs_its_variants(ray_local, tmp_path, monkeypatch):
     spec = importlib.util.spec_from_file_location("bench_alignment", ROOT / "bench" / "alignment.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     out = tmp_path / "align"
-    monkeypatch.setattr(sys, "argv", ["alignment.py", "--toy", "--out", str(out)])
+    monkeypatch.setattr(sys, "argv", ["alignment.py", "--toy", "--out", str(out), "--variants", ",".join(SUBSET)])
     bench.main()
 
     res = json.loads((out / "results.json").read_text())
     meta, summary, runs = res["meta"], res["summary"], res["runs"]
     assert 0.6 < meta["judge_accuracy"] <= 1.0  # a real classifier on real review sentences
-    assert [r["variant"] for r in summary] == ["reference", *bench.VARIANTS]
+    assert set(SUBSET) <= set(bench.VARIANTS)
+    assert [r["variant"] for r in summary] == ["reference", *SUBSET]
     for r in runs:
         assert 0.0 <= r["positive_rate"] <= 1.0 and math.isfinite(r["kl"]), r
     ref = [r for r in runs if r["variant"] == "reference"]
@@ -39,6 +46,6 @@ def test_toy_alignment_benchmark_runs_every_variant(ray_local, tmp_path, monkeyp
         assert p["examples"] == meta["logs"][name]["rows"] == p["kept"] + p["quarantined"] + p["deduplicated"]
         assert d["score"]["scored"] + d["score"]["quarantined"] == d["score"]["rows_in"]
     table = (out / "results.md").read_text()
-    assert all(f"| {v} |" in table for v in bench.VARIANTS)
+    assert all(f"| {v} |" in table for v in SUBSET)
     assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "logs" / "balanced").is_dir() and (out / "logs" / "shifted").is_dir()

@@ -34,6 +34,16 @@ def test_yaml_then_overrides_win(tmp_path):
     assert isinstance(cfg.objective.beta, float)
 
 
+def test_an_unquoted_no_is_the_choice_not_false(tmp_path):
+    """YAML 1.1 reads `no` as false; train.mixed_precision's documented value is 'no'."""
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  mixed_precision: no\n")
+    assert load_config(f).train.mixed_precision == "no"
+    assert load_config(None, ["--train.mixed_precision", "no"]).train.mixed_precision == "no"
+    with pytest.raises(ConfigError, match="expected one of 'auto', 'bf16', 'no', got True"):
+        load_config(None, ["--train.mixed_precision", "yes"])
+
+
 def test_int_for_float_and_null_for_optional():
     cfg = load_config(None, ["--objective.beta", "1", "--model.reference", "null"])
     assert cfg.objective.beta == 1.0 and isinstance(cfg.objective.beta, float)

@@ -93,10 +93,17 @@ def test_unshifted_logs_give_auc_near_half_and_weights_near_one(ray_local, tmp_p
     # No shift shown (the AUC's lower bound is under udm.min_auc): the weights are not applied.
     assert m["udm"]["applied"] is False and "below udm.min_auc" in m["udm"]["decision"], m["udm"]
     assert m["udm"]["thumbs_down_weight"]["mean"] == 1.0, m["udm"]
-    # With min_auc null the noisy weights are applied, as before: spread around 1.
-    m = prepare(load_config(None, BASE + ["--ingest.input", log, "--run.run_dir", str(tmp_path / "run2"),
-                                          "--udm.min_auc", "null"]))
-    assert m["udm"]["applied"] and 0.75 < m["udm"]["thumbs_down_weight"]["mean"] < 1.35, m["udm"]
+    # The weights it withheld (what udm.min_auc null applies, through the same UDMWeigher):
+    # noise spread around 1, not a correction.
+    from bco_ray.assets import minilm_dir
+    from bco_ray.udm import UDMWeigher
+
+    prepared = tmp_path / "run" / "prepared"
+    table = pads.dataset(str(prepared / "data"), format="parquet").to_table(columns=["prompt", "label"])
+    weigher = UDMWeigher(str(minilm_dir()), (prepared / "udm" / "classifier.json").read_text())
+    w = weigher(table.slice(0, 600))
+    down = [x for x, up in zip(w["weight"].to_pylist(), w["label"].to_pylist(), strict=True) if not up]
+    assert len(down) > 100 and 0.75 < sum(down) / len(down) < 1.35 and len(set(down)) > 10, down[:20]
 
 
 def test_s3_partitioned_logs_date_filter_and_s3_outputs(ray_local, s3_endpoint, tmp_path):

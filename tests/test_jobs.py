@@ -61,11 +61,9 @@ def head():
         os.killpg(proc.pid, signal.SIGKILL)
         raise RuntimeError("the Ray head did not start")
     yield url, env
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+    # Nothing of this throwaway cluster needs saving: a graceful stop took ~30 s of CI time.
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
 
 
 def test_align_job_fails_in_train_and_the_resubmitted_job_resumes_without_redoing_stages(head, tmp_path):
@@ -126,7 +124,11 @@ def test_align_on_a_two_node_cluster_with_a_training_worker_on_each_node(tmp_pat
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     args = job_args(run_dir, free_port())[2:]  # without --config (the script loads it)
     p = subprocess.run([sys.executable, "-c", TWO_NODES, str(run_dir), f"/tmp/bc2-{os.getpid()}", *args,
-                        "--train.placement", "SPREAD", "--udm.enabled", "false", "--ingest.num_cpus_per_task", "0.25",
+                        # UDM and the eval gate off: what this test is about is where training runs
+                        # (both stages run on the default config in the job test above and the demo).
+                        "--train.placement", "SPREAD", "--train.num_workers", "2", "--train.grad_accum", "2",
+                        "--udm.enabled", "false", "--eval.enabled", "false",
+                        "--ingest.num_cpus_per_task", "0.25",
                         "--score.num_cpus_per_actor", "0.25", "--train.cpus_per_worker", "0.25"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
