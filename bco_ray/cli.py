@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("eval", parents=[parent],
                    help="stage: the trained model vs its reference on held-out prompts (looping, length, KL, a "
                         "judge); exit 1 when the gate rejects it")
+    sub.add_parser("tune", parents=[parent],
+                   help="sweep lr, beta and steps on Ray Tune: each trial trains and is judged by the eval stage; "
+                        "writes the table and the best trial's overrides")
     sub.add_parser("serve", parents=[parent],
                    help="stage: the aligned model behind an OpenAI-compatible HTTP API (Ray Serve), with feedback")
     sm = sub.add_parser("submit", parents=[parent],
@@ -206,6 +209,11 @@ def _run(command: str, cfg) -> int:
         from bco_ray.eval_stage import evaluate
 
         evaluate(cfg)  # prints its summary; a rejected model raises (exit 1)
+        return 0
+    if command == "tune":
+        from bco_ray.sweep import sweep
+
+        sweep(cfg)
         return 0
     if command == "serve":
         import time

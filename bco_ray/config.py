@@ -182,6 +182,7 @@ class TrainConfig:
     lora_alpha: float = knob(16.0, "LoRA scaling numerator (the update is alpha / r x B A).")
     lora_dropout: float = knob(0.0, "Dropout on the LoRA input.")
     lora_targets: tuple[str, ...] = knob(("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), "Module names that get adapters.")
+    driver_sort_rows: int = knob(100_000, "Splits of up to this many rows are put in the global order by the driver (in memory, ~3 KB a row at 1k tokens); larger ones by Ray Data's distributed sort.")
     shuffle_buffer: int = knob(1024, "Units (rows, DPO pairs) in the seeded shuffle buffer re-mixing each epoch after the global shuffle.")
     interleave_labels: bool = knob(False, "Alternate thumbs-up and thumbs-down rows in every global batch (BCO/KTO) so each has both labels.")
     log_every: int = knob(1, "Steps between metric lines (console, MLflow).")
@@ -192,7 +193,10 @@ class TrainConfig:
     storage: str | None = knob(None, "Where Ray Train keeps checkpoints (local or s3://); null is <run_dir>/train.")
     name: str = knob("bco", "Run name under storage; rerunning with the same name resumes from its last checkpoint.")
     export: str | None = knob(None, "Where the aligned model goes, HF format (local or s3://); null is <run_dir>/model.")
-    export_which: Literal["final", "best"] = knob("final", "Export the last weights or the checkpoint with the best eval loss.")
+    export_which: Literal["final", "best"] = knob("best", "Export the last weights ('final'), or the eval with the lowest eval loss among those whose generation check passed ('best'; the last weights when none did).")
+    gen_check_prompts: int = knob(16, "With eval_every: eval-split prompts the policy answers greedily at step 0 and at every eval; more looping, cut or empty answers than at step 0 (the eval gate's limits) fail that eval. 0: off.")
+    gen_check_max_tokens: int = knob(48, "Longest answer of the generation check (cut answers count against the gate's eval.max_length_increase).")
+    early_stop_patience: int = knob(1, "Stop training after this many failed generation checks in a row (a collapsing model); 0: never stop early.")
     tracking_uri: str | None = knob(None, "MLflow tracking URI; null is a file store under <run_dir>/mlruns; 'none' disables MLflow.")
     peak_tflops: float | None = knob(None, "Peak dense TFLOP/s per worker for MFU; null: 989 on H100/H200 in bf16, else MFU is not shown.")
 
@@ -226,6 +230,20 @@ class EvalConfig:
     max_kl_per_token: float | None = knob(1.0, "Gate: KL(candidate || reference) in nats per token on the candidate's own samples; null: not checked.")
     enforce: bool = knob(True, "A rejected model fails the run (exit 1) and is marked so beside the export (serve refuses it); false: only reported.")
     output: str | None = knob(None, "Where eval.json and samples.jsonl go (local directory); null is <run_dir>/eval.")
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """`bco-ray tune`: a grid over lr, beta and steps on Ray Tune; each trial trains, then runs the eval stage."""
+
+    lr: tuple[float, ...] = knob((2e-6, 5e-6, 1e-5, 2e-5), "train.lr values tried.")
+    beta: tuple[float, ...] = knob((0.1,), "objective.beta values tried.")
+    steps: tuple[int, ...] = knob((), "train.max_steps values tried; empty: the config's own train.max_steps (or epochs).")
+    objective: Literal["judge", "win_rate"] = knob("judge", "What the best trial maximises: the judge's mean score minus the reference's on the same prompts and seeds ('judge'), or the candidate's win rate.")
+    max_kl_per_token: float | None = knob(None, "A trial may win only when its KL to the reference (nats/token) stays under this, besides passing the gate; null: eval.max_kl_per_token.")
+    max_concurrent_trials: int | None = knob(None, "Trials at once; null: the cluster's GPUs // train.num_workers, and 1 on CPUs (a trial's workers take the cores).")
+    keep_models: bool = knob(False, "Keep every trial's exported model; false keeps only the best trial's.")
+    output: str | None = knob(None, "Where results.json / results.md / best.yaml and the trials go (local directory); null is <run_dir>/tune.")
 
 
 @dataclass(frozen=True)
@@ -272,6 +290,7 @@ class Config:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig, metadata={"help": "Loss and reward shift."})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "Ray Train: workers, optimisation, checkpoints, export."})
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "Generation quality of the trained model vs the reference, and the gate."})
+    tune: TuneConfig = field(default_factory=TuneConfig, metadata={"help": "The hyperparameter sweep (bco-ray tune) on Ray Tune."})
     serve: ServeConfig = field(default_factory=ServeConfig, metadata={"help": "The OpenAI-compatible endpoint and its feedback log."})
 
 

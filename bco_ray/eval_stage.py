@@ -289,7 +289,9 @@ def evaluate(cfg: Config) -> dict:
                 f"candidate and reference, up to {ec.max_tokens} tokens; judge: {ec.judge}")
     console.status("generating answers (candidate, then reference)")
     gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
-    task = ray.remote(num_cpus=ec.num_cpus, num_gpus=gpus, max_retries=0)(_task)
+    # DEFAULT: outside any placement group this driver runs in (a `bco-ray tune` trial holds
+    # one of a sliver of a CPU, which would otherwise capture the task and never fit it).
+    task = ray.remote(num_cpus=ec.num_cpus, num_gpus=gpus, max_retries=0, scheduling_strategy="DEFAULT")(_task)
     # Local paths as the driver sees them: the task may run in another working directory.
     here = {"model": cand_uri, "input": _prepared_dir(cfg)}
     here = {k: v if storage.is_s3(v) else os.path.abspath(v) for k, v in here.items()}

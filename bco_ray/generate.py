@@ -42,15 +42,28 @@ class HFEngine:
 
         if num_threads:
             torch.set_num_threads(num_threads)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype), use_safetensors=True,
-                                                          trust_remote_code=trust_remote_code).to(self.device).eval()
-        self.tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-        self.pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
-        eos = self.model.generation_config.eos_token_id if self.model.generation_config else None
-        eos = eos if eos is not None else self.tok.eos_token_id
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype), use_safetensors=True,
+                                                     trust_remote_code=trust_remote_code).to(device).eval()
+        self._setup(model, AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code), device)
+
+    @classmethod
+    def wrap(cls, model, tok, device: torch.device, config=None, generation_config=None) -> HFEngine:
+        """An engine around a model already loaded (a training worker's policy): `model` is any
+        callable taking the LM's keyword arguments; `config` / `generation_config` default to its own."""
+        self = cls.__new__(cls)
+        self._setup(model, tok, device, config, generation_config)
+        return self
+
+    def _setup(self, model, tok, device: torch.device, config=None, generation_config=None) -> None:
+        self.model, self.tok, self.device = model, tok, device
+        config = config or model.config
+        generation_config = generation_config or getattr(model, "generation_config", None)
+        self.pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        eos = generation_config.eos_token_id if generation_config else None
+        eos = eos if eos is not None else tok.eos_token_id
         self.eos = set(eos if isinstance(eos, list) else [eos])
-        self.max_context = int(getattr(self.model.config, "max_position_embeddings", 2048) or 2048)
+        self.max_context = int(getattr(config, "max_position_embeddings", 2048) or 2048)
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
         return list(self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
@@ -79,6 +92,14 @@ class HFEngine:
                       outputs: list[Output] | None = None) -> Iterator[list[Delta]]:
         """Decode all prompts together; yields, per step, one Delta per row. `outputs`, a
         list, receives each row's Output (its token ids too) as it grows."""
+        yield from self.decode(prompts, params, outputs)
+
+    def decode(self, prompts: list[list[int]], params: list[Sampling], outputs: list[Output] | None = None,
+               lockstep: bool = False) -> Iterator[list[Delta]]:
+        """`generate_iter` without its inference mode (a sharded model in training decodes
+        under no_grad: FSDP reuses the buffers it gathers into). `lockstep`: run every
+        max_tokens step even when all rows have stopped, so that ranks decoding different
+        prompts make the same number of forward passes (their collectives must pair up)."""
         b = len(prompts)
         longest = max(len(p) for p in prompts)
         ids = torch.full((b, longest), self.pad, dtype=torch.long)
@@ -124,7 +145,7 @@ class HFEngine:
                 delta, o.text = text[len(o.text):] if text.startswith(o.text) else text, text
                 deltas.append((delta, o.finish_reason, len(o.token_ids)))
             yield deltas
-            if all(o.finish_reason is not None for o in outs):
+            if all(o.finish_reason is not None for o in outs) and not lockstep:
                 return
             step_ids = torch.tensor(chosen, device=self.device)[:, None]
             mask = torch.cat([mask, torch.ones((b, 1), dtype=mask.dtype, device=self.device)], 1)

@@ -60,7 +60,8 @@ def stage_train(cfg: Config, run_dir: Path) -> dict:
     from bco_ray.train import train
 
     card = train(cfg)
-    return {"model": card["model"], "steps": card["steps"], "final_metrics": card["final_metrics"],
+    return {"model": card["model"], "steps": card["steps"], "exported_step": card["exported_step"],
+            "stopped_early": card["stopped_early"], "final_metrics": card["final_metrics"],
             "final_eval": card["final_eval"]}
 
 
@@ -180,8 +181,10 @@ def summary_lines(manifest: dict, report: Path) -> list[str]:
         rows.append(("training", f"{t['steps']} steps, final loss {fm.get('loss', float('nan')):.4f}; eval loss "
                                  f"{ev.get('eval/loss', float('nan')):.4f}, reward accuracy "
                                  f"{ev.get('eval/reward_accuracy', float('nan')):.3f}, margin "
-                                 f"{ev.get('eval/rewards/margin', float('nan')):+.4f}"))
-        rows.append(("model", str(t["model"])))
+                                 f"{ev.get('eval/rewards/margin', float('nan')):+.4f}"
+                                 + (f"; stopped early at step {t['stopped_early']['step']} (generation check)"
+                                    if t.get("stopped_early") else "")))
+        rows.append(("model", f"{t['model']} (step {t.get('exported_step')})"))
     if (e := st.get("eval")) and "metrics" in e:
         g = e["metrics"]["greedy"]
         kl = e["metrics"].get("kl")

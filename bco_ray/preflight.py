@@ -15,7 +15,8 @@ from bco_ray.errors import UserError
 
 # The stages of `align` each command runs (the pre-flight checks only what those need).
 COMMAND_STAGES = {"align": ("assets", "prepare", "score-ref", "train", "eval", "serve"), "prepare": ("prepare",),
-                  "score-ref": ("score-ref",), "train": ("train",), "eval": ("eval",), "serve": ("serve",)}
+                  "score-ref": ("score-ref",), "train": ("train",), "eval": ("eval",), "serve": ("serve",),
+                  "tune": ("prepare", "score-ref", "train", "eval")}
 
 
 def check_models(cfg: Config, stages: tuple[str, ...]) -> None:
@@ -124,7 +125,7 @@ def check_eval(cfg: Config, command: str) -> None:
     if ec.judge == "openai" and not (ec.judge_url and ec.judge_model):
         raise UserError("eval.judge 'openai' needs eval.judge_url and eval.judge_model",
                         "e.g. --eval.judge_url http://127.0.0.1:8001/v1 --eval.judge_model my-judge")
-    if command == "eval":
+    if command == "eval":  # (tune evaluates what its own trials export)
         from bco_ray import storage
         from bco_ray.eval_stage import candidate_uri
 
@@ -136,12 +137,12 @@ def check_eval(cfg: Config, command: str) -> None:
 
 def check_before_ray(cfg: Config, command: str) -> None:
     stages = COMMAND_STAGES.get(command, ())
-    if "prepare" in stages:
+    if "prepare" in stages and not (command == "tune" and cfg.train.input):  # tune on given data reads no log
         from bco_ray.ingest import check_input
 
         check_input(cfg)  # input, schema, date filter
     check_models(cfg, stages)
-    if "eval" in stages and (cfg.eval.enabled or command == "eval"):
+    if "eval" in stages and (cfg.eval.enabled or command in ("eval", "tune")):
         check_eval(cfg, command)
     if command == "serve":
         check_served_model(cfg)

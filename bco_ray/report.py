@@ -41,6 +41,29 @@ def training_plot(card: dict) -> bytes:
     return buf.getvalue()
 
 
+def generation_check_section(card: dict) -> list[str]:
+    """The eval curve: at each eval, the held-out loss and the policy's greedy answers against
+    step 0 (looping, cut at max tokens, empty), and which weights were exported."""
+    evs = [e for e in card["eval_history"] if "gen/passed" in e]
+    if not evs:
+        return []
+    e0 = evs[0]
+    lines = ["", "### Generation check during training", "",
+             f"At each eval the policy answers {e0['gen/prompts']} eval-split prompts greedily; against its own "
+             f"answers at step 0 (looping {e0['gen/degenerate_start']:.0%}, cut {e0['gen/at_max_tokens_start']:.0%}, "
+             f"empty {e0['gen/empty_start']:.0%}) the eval gate's limits apply.", "",
+             "| step | eval loss | reward accuracy | looping | cut at max tokens | empty | distinct-2 | check |",
+             "|---|---|---|---|---|---|---|---|"]
+    for e in evs:
+        lines.append(f"| {e['step']} | {e.get('eval/loss', float('nan')):.4f} | "
+                     f"{e.get('eval/reward_accuracy', float('nan')):.3f} | {e['gen/degenerate']:.0%} | "
+                     f"{e['gen/at_max_tokens']:.0%} | {e['gen/empty']:.0%} | {e['gen/distinct_2']:.2f} | "
+                     + ("passed" if e["gen/passed"] else "**failed**: " + "; ".join(e["gen/reasons"])) + " |")
+    if stop := card.get("stopped_early"):
+        lines += ["", f"Training **stopped early** at step {stop['step']} (train.early_stop_patience)."]
+    return lines
+
+
 def _pct(r: dict) -> str:
     return f"{r['rate']:.0%} [{r['ci95'][0]:.0%}, {r['ci95'][1]:.0%}]"
 
@@ -124,7 +147,9 @@ def write_report(run_dir: Path, manifest: dict, card: dict | None) -> Path:
                   f"{ev.get('eval/loss', float('nan')):.4f}, eval reward accuracy "
                   f"{ev.get('eval/reward_accuracy', float('nan')):.3f}, eval margin "
                   f"{ev.get('eval/rewards/margin', float('nan')):+.4f}.", "",
-                  f"Model: `{card['model']}` (run card beside it).", "", "![training](training.png)"]
+                  f"Model: `{card['model']}` (run card beside it), the weights of step {card.get('exported_step')}.",
+                  "", "![training](training.png)"]
+        lines += generation_check_section(card)
     if (e := st.get("eval")) and "metrics" in e:
         lines += eval_section(e)
     elif e and e.get("disabled"):

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from bco_ray import checkpoint, storage
+from bco_ray import checkpoint, quality, storage
 from bco_ray.batching import epoch_batches, rank_micro_batches, units
 from bco_ray.config import Config, from_dict
 from bco_ray.objectives import RewardShift
@@ -112,6 +112,72 @@ def _eval_batches(shard, loss: str, rank: int, world: int, micro: int, eval_unit
     return [collate([r for u in c for r in u], pad) for c in chunks]
 
 
+# ---------------------------------------------------------------------------- generation check
+
+def check_prompts(shard, k: int) -> list[list[int]]:
+    """The eval split's first k distinct prompts, as token ids (chat template applied), in its
+    global order: the same on every rank, at every eval and after a resume."""
+    seen: set[tuple] = set()
+    out: list[list[int]] = []
+    for r in _rows(shard):
+        mask = r["completion_mask"]
+        prompt = tuple(r["input_ids"][:mask.index(1) if 1 in mask else len(mask)])
+        if prompt and prompt not in seen:
+            seen.add(prompt)
+            out.append(list(prompt))
+            if len(out) == k:
+                break
+    return out
+
+
+def generation_check(policy, lm, tok, device, prompts: list[list[int]], max_tokens: int, rank: int,
+                     world: int) -> list[dict]:
+    """The policy's greedy answers to `prompts`, in order, on every rank. Each rank decodes its
+    share in lockstep (every forward gathers FSDP shards, so all ranks make the same passes)."""
+    from bco_ray.generate import HFEngine, Sampling
+
+    share = -(-len(prompts) // world)
+    mine = prompts[rank * share:(rank + 1) * share]
+    mine += [prompts[0]] * (share - len(mine))  # padding, after every real prompt once gathered
+    engine = HFEngine.wrap(policy, tok, device, config=lm.config, generation_config=lm.generation_config)
+    got: list = []
+    policy.eval()
+    with torch.no_grad():
+        for _ in engine.decode(mine, [Sampling(max_tokens=max_tokens, temperature=0.0)] * share, got,
+                               lockstep=world > 1):
+            pass
+    checkpoint.reshard(policy)
+    policy.train()
+    answers = [{"token_ids": list(o.token_ids), "text": o.text, "finish_reason": o.finish_reason} for o in got]
+    if world > 1:
+        parts: list = [None] * world
+        torch.distributed.all_gather_object(parts, answers)
+        answers = [a for part in parts for a in part]
+    return answers[:len(prompts)]
+
+
+def generation_verdict(answers: list[dict], start: list[dict], cfg: Config) -> dict:
+    """The eval gate's degeneration limits (eval.max_*_increase), applied to the policy's greedy
+    answers against the starting model's on the same prompts."""
+    m = quality.compare(answers, start, cfg.train.gen_check_max_tokens, cfg.run.seed)
+    ec = cfg.eval
+    reasons = quality.gate({"greedy": m}, {"max_degenerate_increase": ec.max_degenerate_increase,
+                                           "max_length_increase": ec.max_length_increase,
+                                           "max_empty_increase": ec.max_empty_increase})
+    out = {f"gen/{k}": m[k]["candidate"]["rate"] for k in ("degenerate", "at_max_tokens", "empty")}
+    out.update({f"gen/{k}_start": m[k]["reference"]["rate"] for k in ("degenerate", "at_max_tokens", "empty")})
+    out.update({"gen/tokens": m["tokens"]["candidate"], "gen/distinct_2": m["distinct_2"]["candidate"],
+                "gen/passed": not reasons, "gen/reasons": reasons, "gen/prompts": m["n"]})
+    return out
+
+
+def _gen_line(step: int, ev: dict) -> str:
+    return (f"[train] generation check at step {step} ({ev['gen/prompts']} prompts, greedy): looping "
+            f"{ev['gen/degenerate']:.0%} (step 0: {ev['gen/degenerate_start']:.0%}), cut at max tokens "
+            f"{ev['gen/at_max_tokens']:.0%} ({ev['gen/at_max_tokens_start']:.0%}), empty {ev['gen/empty']:.0%} "
+            f"({ev['gen/empty_start']:.0%}): " + ("passed" if ev["gen/passed"] else "FAILED: " + "; ".join(ev["gen/reasons"])))
+
+
 # ---------------------------------------------------------------------------- export
 
 def export_model(policy, lm, tok, cfg: Config, rank: int, out_dir: str) -> None:
@@ -155,9 +221,10 @@ def say(line: str) -> None:
 
 
 def _improved(state: dict, ev: dict) -> bool:
-    """Is this eval the best so far (lowest eval loss)? Records it."""
+    """Is this eval the best so far (lowest eval loss, among those whose generation check
+    passed)? Records it."""
     best = state.get("best_eval_loss")
-    if ev.get("eval/rows") and (best is None or ev["eval/loss"] < best):
+    if ev.get("eval/rows") and ev.get("gen/passed", True) and (best is None or ev["eval/loss"] < best):
         state["best_eval_loss"] = ev["eval/loss"]
         return True
     return False
@@ -234,6 +301,19 @@ def worker_loop(config: dict) -> None:
                               ("H100" in torch.cuda.get_device_name() or "H200" in torch.cuda.get_device_name())
                               else None)
 
+    # The generation check: the starting model's answers (step 0) are the yardstick, kept in
+    # every checkpoint; a resumed run without them (an older checkpoint) skips the check.
+    gen_prompts = check_prompts(eval_shard, tc.gen_check_prompts) if tc.eval_every and tc.gen_check_prompts else []
+    if gen_prompts and state["step"] == 0:
+        state["gen_start"] = generation_check(policy, lm, tok, device, gen_prompts, tc.gen_check_max_tokens, rank,
+                                              world)
+    if gen_prompts and "gen_start" not in state:
+        gen_prompts = []
+    if rank == 0 and tc.eval_every and tc.gen_check_prompts:
+        say(f"[train] generation check: {len(gen_prompts)} eval-split prompts answered greedily at every eval, "
+            f"against step 0" if gen_prompts else "[train] generation check: off (no eval-split prompts, or a "
+            "checkpoint from before it)")
+
     def run_eval() -> dict:
         policy.eval()
         m = evaluate(policy, _eval_batches(eval_shard, obj.loss, rank, world, tc.micro_batch_size,
@@ -241,7 +321,16 @@ def worker_loop(config: dict) -> None:
         checkpoint.reshard(policy)  # free the root's gathered weights; the optimizer holds the shards
         policy.train()
         m["step"] = state["step"]
+        if gen_prompts:
+            answers = generation_check(policy, lm, tok, device, gen_prompts, tc.gen_check_max_tokens, rank, world)
+            m.update(generation_verdict(answers, state["gen_start"], cfg))
+            state["gen_failed_in_row"] = 0 if m["gen/passed"] else state.get("gen_failed_in_row", 0) + 1
+            if rank == 0:
+                say(_gen_line(state["step"], m))
         return m
+
+    def collapsing() -> bool:
+        return bool(tc.early_stop_patience) and state.get("gen_failed_in_row", 0) >= tc.early_stop_patience
 
     def save_and_report(metrics: dict) -> None:
         with tempfile.TemporaryDirectory() as d:
@@ -260,7 +349,8 @@ def worker_loop(config: dict) -> None:
     policy.train()
     step = state["step"]
     metrics: dict = state["history"][-1] if state["history"] else {}
-    while step < total:
+    ev = None  # the last eval, when training stopped early on it
+    while step < total and ev is None:
         epoch, skip = divmod(step, spe)
         for k, batch in enumerate(epoch_batches(_rows(train_shard), epoch, cfg.run.seed, obj.loss, g_units,
                                                 tc.shuffle_buffer, tc.interleave_labels)):
@@ -285,23 +375,37 @@ def worker_loop(config: dict) -> None:
                 say(_progress(step, total, metrics))
                 tracker.log(metrics, step)
             if tc.eval_every and step % tc.eval_every == 0 and step < total:
-                ev = run_eval()
-                state["eval"].append(ev)
+                mid = run_eval()
+                state["eval"].append(mid)
                 if rank == 0:
-                    tracker.log(ev, step)
-                if tc.export_which == "best" and _improved(state, ev):
-                    export(ev)
+                    tracker.log(mid, step)
+                if tc.export_which == "best" and _improved(state, mid):
+                    export(mid)
+                if collapsing():  # the same verdict on every rank: all leave the loop together
+                    ev = mid
+                    state["stopped_early"] = {"step": step, "reasons": mid["gen/reasons"]}
+                    if rank == 0:
+                        say(f"[train] stopping early at step {step} of {total}: the generation check failed "
+                            f"{state['gen_failed_in_row']} time(s) in a row (train.early_stop_patience)")
+                    break
             if step % tc.checkpoint_every == 0 and step < total:
                 save_and_report(metrics)
             if step >= total:
                 break
-    ev = run_eval()
-    state["eval"].append(ev)
+    if ev is None:
+        ev = run_eval()
+        state["eval"].append(ev)
+        if rank == 0:
+            tracker.log(ev, step)
     if rank == 0:
-        tracker.log(ev, step)
         say(f"[train] eval at step {step}: loss {ev['eval/loss']:.4f} | reward accuracy "
             f"{ev['eval/reward_accuracy']:.3f} | margin {ev['eval/rewards/margin']:+.4f}")
     if tc.export_which == "final" or _improved(state, ev):
+        export(ev)
+    elif state.get("exported_step") is None:
+        if rank == 0:
+            say("[train] no eval passed the generation check: exporting the last weights (the eval stage will "
+                "judge them)")
         export(ev)
     save_and_report({**metrics, **ev})
     if tracker is not None:

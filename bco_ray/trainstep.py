@@ -48,7 +48,11 @@ class PolicyLogps(nn.Module):
         self.lm, self.chunk_size = lm, chunk_size
         self.fused_head, self.compiled_head = fused_head, compiled_head
 
-    def forward(self, input_ids, attention_mask, completion_mask):
+    def forward(self, input_ids, attention_mask, completion_mask=None, **lm_kwargs):
+        if completion_mask is None:
+            # A plain LM call (decoding, with its KV cache): through this module, so that the
+            # FSDP root's hooks gather the weights it shards (embeddings, norm, head).
+            return self.lm(input_ids=input_ids, attention_mask=attention_mask, **lm_kwargs)
         return completion_logps(self.lm, input_ids, attention_mask, completion_mask,
                                 self.chunk_size, self.fused_head, self.compiled_head)
 

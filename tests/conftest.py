@@ -91,6 +91,19 @@ def prepared_tiny(ray_local, tmp_path_factory):
     return root / "run"
 
 
+@pytest.fixture(scope="session")
+def scored_tiny(prepared_tiny, tmp_path_factory):
+    """prepared_tiny scored once (hf), with KL pairs so every objective can train on it: the
+    input of the train and tune tests. Returns the scored directory."""
+    from bco_ray.config import load_config
+    from bco_ray.refscore_stage import score_reference
+
+    out = str(tmp_path_factory.mktemp("scored") / "scored")
+    score_reference(load_config(None, TINY + ["--run.run_dir", str(prepared_tiny), "--score.output", out,
+                                              "--score.kl_pairs", "true"]))
+    return out
+
+
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 right now."""
     with socket.socket() as s:

@@ -17,18 +17,17 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 TRAIN = ["--train.micro_batch_size", "2", "--train.grad_accum", "2", "--train.max_steps", "4",
          "--train.lr", "1e-3", "--train.warmup_ratio", "0", "--train.checkpoint_every", "2",
          "--train.tracking_uri", "none", "--objective.beta", "0.5",
-         "--train.eval_every", "2"]  # an eval right before each checkpoint (FSDP2's root stays unsharded)
+         "--train.eval_every", "2",  # an eval right before each checkpoint (FSDP2's root stays unsharded)
+         # These tests compare the last weights across runs (2 workers vs 1, resumed vs not), so
+         # they export the final weights and never stop early; the generation check still runs
+         # at every eval (2 workers decode in lockstep). Its verdict and early stop are tested
+         # below and in test_gencheck.
+         "--train.export_which", "final", "--train.early_stop_patience", "0"]
 
 
 @pytest.fixture(scope="module")
-def scored(prepared_tiny, tmp_path_factory):
-    """prepared_tiny scored once (hf), with KL pairs so every objective can train on it."""
-    from bco_ray.refscore_stage import score_reference
-
-    out = str(tmp_path_factory.mktemp("scored") / "scored")
-    score_reference(load_config(None, TINY + ["--run.run_dir", str(prepared_tiny), "--score.output", out,
-                                              "--score.kl_pairs", "true"]))
-    return out
+def scored(scored_tiny):
+    return scored_tiny
 
 
 def run(scored, tmp_path, *extra, name="t", **hooks):
@@ -149,3 +148,39 @@ def test_checkpoints_and_export_on_s3_and_the_model_serves_from_there(scored, tm
     local = local_model_dir("s3://logs/models/m1", cfg)
     assert AutoModelForCausalLM.from_pretrained(local) is not None
     assert local_model_dir("s3://logs/models/m1", cfg) == local  # downloaded once
+
+
+def test_a_failing_generation_check_stops_training_early(scored, tmp_path):
+    """The generation check's verdict stops every worker at the same eval, and the report says
+    why. The tiny random model cannot be made to collapse on cue, so the gate is made to fail
+    by a limit no model meets (a negative allowed increase of cut answers); test_gencheck
+    checks the verdict on real looping answers, test_eval the gate on a collapsed model; the
+    CI demo run trains through passing checks and exports the best of them."""
+    from bco_ray.report import generation_check_section
+
+    card = run(scored, tmp_path, "--train.export_which", "best", "--train.early_stop_patience", "1",
+               "--eval.max_length_increase", "-1", "--train.gen_check_prompts", "3", "--train.gen_check_max_tokens", "8")
+    assert card["steps"] == 2 and [h["step"] for h in card["history"]] == [1, 2]  # of 4
+    assert card["stopped_early"]["step"] == 2 and "max_tokens" in card["stopped_early"]["reasons"][0]
+    ev = card["eval_history"]
+    assert len(ev) == 1 and ev[0]["gen/prompts"] == 3 and ev[0]["gen/passed"] is False
+    assert card["exported_step"] == 2  # no eval passed: the last weights, for the eval stage to judge
+    assert os.path.exists(os.path.join(card["model"], "model.safetensors"))
+    section = "\n".join(generation_check_section(card))
+    assert "**failed**" in section and "stopped early" in section
+
+
+def test_the_driver_sort_and_ray_datas_sort_give_the_same_global_order(scored, ray_local):
+    import pyarrow.fs as pafs
+
+    from bco_ray.train import TRAIN_COLUMNS, global_order
+
+    def order(driver_sort_rows):
+        cfg = load_config(None, TINY + ["--train.driver_sort_rows", str(driver_sort_rows)])
+        ds = global_order(os.path.join(scored, "data"), pafs.LocalFileSystem(), "train", TRAIN_COLUMNS, 10**6, cfg)
+        rows = ds.take_all()
+        return [r["pair_id"] or r["row_id"] for r in rows], sorted(r["row_id"] for r in rows)
+
+    (in_driver, ids_a), (distributed, ids_b) = order(10**7), order(0)
+    assert ids_a == ids_b and len(ids_a) > 50  # the same rows
+    assert in_driver == distributed  # in the same order (a DPO pair's two rows: same key, either way round)
