@@ -285,6 +285,7 @@ def plot(summary: dict) -> bytes:
         ax.annotate(f"lr {r['lr']:g}, b {r['beta']:g}, {r['steps']} st", (r["kl_per_token"], r["objective"]),
                     fontsize=7, xytext=(4, 4), textcoords="offset points")
     ax.axhline(0, color="#999", lw=0.8)
+    ax.set_xscale("symlog", linthresh=1e-3)  # KLs span decades (and a tiny one can be negative)
     if summary["max_kl_per_token"] is not None:
         ax.axvline(summary["max_kl_per_token"], color="#c44", lw=0.8, ls="--")
     ax.set_xlabel("KL(candidate || reference), nats per token")

@@ -58,7 +58,7 @@ def test_configs_are_frozen():
 
 @pytest.mark.parametrize("override, message", [
     (["--objective.bta", "1"], "unknown config key 'objective.bta'; objective accepts: loss, beta"),
-    (["--nosuch.x", "1"], "unknown config key 'nosuch'; top level accepts: run, ray, model, storage, ingest, udm, score, objective, train, eval, serve"),
+    (["--nosuch.x", "1"], "unknown config key 'nosuch'; top level accepts: run, ray, model, storage, ingest, udm, score, objective, train, eval, tune, serve"),
     (["--objective.delta_mode", "mean"], "objective.delta_mode: expected one of 'balanced', 'pooled', 'zero'"),
     (["--objective.beta", "abc"], "objective.beta: expected float, got 'abc'"),
     (["--ray.num_cpus", "1.5"], "ray.num_cpus: expected int or null, got 1.5"),
