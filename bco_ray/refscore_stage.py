@@ -120,7 +120,10 @@ def score_reference(cfg: Config) -> dict:
                                      gpu_memory_utilization=sc.vllm_gpu_memory_utilization,
                                      enforce_eager=sc.vllm_enforce_eager, cpu_kvcache_gib=sc.vllm_cpu_kvcache_gib,
                                      trust_remote_code=cfg.model.trust_remote_code, seed=cfg.run.seed)
-    scored = ds.map_batches(_keep, fn_kwargs={"limit": max_tokens}, batch_format="pyarrow", **remote)
+    # A small prepared split is one block (one file): cut into batch-sized blocks, every actor
+    # of the pool gets work (the demo's 651 rows had left its second actor idle).
+    scored = ds.map_batches(_keep, fn_kwargs={"limit": max_tokens}, batch_format="pyarrow", **remote) \
+        .repartition(target_num_rows_per_block=sc.batch_rows)
     scored = scored.map_batches(cls, fn_constructor_kwargs=args, batch_format="pyarrow", batch_size=sc.batch_rows,
                                 compute=ray.data.ActorPoolStrategy(size=sc.actors),
                                 num_cpus=sc.num_cpus_per_actor, num_gpus=gpu_per_actor)
