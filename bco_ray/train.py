@@ -60,7 +60,7 @@ def global_order(data_dir: str, fs, split: str, columns: list[str], rows: int, c
         table = _split(table, split, columns, cfg.run.seed).sort_by("_order").drop_columns(["_order"])
         return ray.data.from_arrow(table)
     cpus = cfg.ingest.num_cpus_per_task
-    ds = ray.data.read_parquet(data_dir, filesystem=fs, num_cpus=cpus).map_batches(
+    ds = storage.read_parquet(data_dir, fs, cpus).map_batches(
         _split, fn_kwargs={"split": split, "columns": columns, "seed": cfg.run.seed}, batch_format="pyarrow",
         num_cpus=cpus)
     return ds.sort("_order", boundaries=sort_boundaries(rows)).drop_columns(["_order"]).materialize()

@@ -143,16 +143,13 @@ def _weight_hist(batch: dict, edges: np.ndarray) -> dict:
 
 def diagnostics(cfg: Config, fs, data_dir: str, udm_dir: str, report: dict) -> dict:
     """Weight distribution of the written data (streamed) and a PNG; returns the report."""
-    import ray
-
     if not report.get("enabled") or "skipped" in report:
         return report
     uc = cfg.udm
     edges = np.geomspace(uc.min_density_ratio, uc.max_density_ratio, 31)
     edges[-1] *= 1.0000001  # include the upper clamp in the last bin
     hist, total, n = np.zeros(30, np.int64), 0.0, 0
-    ds = ray.data.read_parquet(data_dir, filesystem=fs, num_cpus=cfg.ingest.num_cpus_per_task)
-    ds = ds.select_columns(["weight", "label"])
+    ds = storage.read_parquet(data_dir, fs, cfg.ingest.num_cpus_per_task, ["weight", "label"])
     for r in ds.map_batches(_weight_hist, fn_kwargs={"edges": edges}, batch_format="numpy").iter_rows():
         hist += np.asarray(r["hist"])
         total, n = total + float(r["sum"]), n + int(r["n"])

@@ -70,3 +70,27 @@ def test_concurrent_materialisation_builds_once_and_every_caller_gets_it(tmp_pat
     assert AutoConfig.from_pretrained(paths[0]).model_type == "llama"
     leftovers = [p.name for p in Path(paths[0]).parent.iterdir() if p.name.startswith("tiny-llama.")]
     assert leftovers == []  # no half-built temp directories left behind
+
+
+def _build_on_rank_1(rank: int, cache: str, init_file: str):
+    from tests.distributed import gloo_group
+
+    with gloo_group(rank, 2, init_file):
+        if rank == 1:  # rank 1 builds; rank 0 waits at the barrier, as a slower worker would
+            assets.tiny_llama_dir(cache)
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def test_a_worker_of_rank_1_builds_a_complete_model(tmp_path):
+    """transformers' save_pretrained writes nothing on a rank other than 0 of an initialised
+    process group. A Ray Train worker of rank 1 that built the cache first left a model with
+    no config.json or weights (every worker then failed to load it)."""
+    import torch.multiprocessing as tmp
+    from transformers import AutoModelForCausalLM
+
+    tmp.spawn(_build_on_rank_1, args=(str(tmp_path / "cache"), str(tmp_path / "init")), nprocs=2)
+    path = assets.tiny_llama_dir(str(tmp_path / "cache"))
+    assert {"config.json", "model.safetensors"} <= {p.name for p in path.iterdir()}
+    assert AutoModelForCausalLM.from_pretrained(path).config.model_type == "llama"

@@ -70,9 +70,12 @@ def test_align_job_fails_in_train_and_the_resubmitted_job_resumes_without_redoin
     url, env = head
     run_dir = tmp_path / "run"
     port = free_port()
+    # The eval stage off: what this test is about is the job's failure and resume; the eval stage
+    # runs on this config in test_pipeline and in the CI demo (37 s of CI here).
+    args = [*job_args(run_dir, port), "--eval.enabled", "false"]
     # 1. bco-ray submit, with a fault drill: a worker dies at step 3, no retries: the job fails.
     first = subprocess.run([str(BIN / "bco-ray"), "submit", "--address", url, "--env", "BCO_RAY_FAULT_DRILL_STEP=3",
-                            *job_args(run_dir, port)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+                            *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert first.returncode == 1, first.stdout[-3000:]
     assert "submitted job" in first.stdout and "FAILED" in first.stdout
     done = json.loads((run_dir / "manifest.json").read_text())["stages"]
@@ -85,7 +88,7 @@ def test_align_job_fails_in_train_and_the_resubmitted_job_resumes_without_redoin
     # sets it itself when it finds the token).
     second = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", url, "--working-dir", ".",
                              "--runtime-env-json", json.dumps({"excludes": [".venv", ".git", "runs"]}), "--",
-                             "python", "jobs/align.py", *job_args(run_dir, port)],
+                             "python", "jobs/align.py", *args],
                             cwd=ROOT, env={**env, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True,
                             timeout=900)
     assert second.returncode == 0, second.stdout[-3000:]
@@ -125,7 +128,8 @@ def test_align_on_a_two_node_cluster_with_a_training_worker_on_each_node(tmp_pat
     args = job_args(run_dir, free_port())[2:]  # without --config (the script loads it)
     p = subprocess.run([sys.executable, "-c", TWO_NODES, str(run_dir), f"/tmp/bc2-{os.getpid()}", *args,
                         # UDM and the eval gate off: what this test is about is where training runs
-                        # (both stages run on the default config in the job test above and the demo).
+                        # (UDM runs on this config in the job test above, eval in test_pipeline,
+                        # and both in the CI demo).
                         "--train.placement", "SPREAD", "--train.num_workers", "2", "--train.grad_accum", "2",
                         "--udm.enabled", "false", "--eval.enabled", "false",
                         "--ingest.num_cpus_per_task", "0.25",
