@@ -205,12 +205,6 @@ def count_rows(fs, path: str) -> int:
     return total
 
 
-def _read(path: str, fs, num_cpus: float, columns: list[str] | None = None):
-    # Read tasks ask for a whole CPU by default; next to the 0.5-CPU UDM actors on a
-    # 1-CPU cluster they would never be scheduled.
-    return storage.read_parquet(path, fs, num_cpus, columns)
-
-
 def _length_hist(batch: dict, max_length: int) -> dict:
     n = np.asarray(batch["prompt_tokens"], np.int64) + np.asarray(batch["completion_tokens"], np.int64)
     return {"hist": [np.bincount(np.minimum(n, max_length), minlength=max_length + 1)]}
@@ -266,7 +260,7 @@ def _prepare(cfg: Config) -> dict:
     # Pass 2: dedup / conflicts, tokenize, split.
     console.status("pass 2/3: dedup + tokenize + split")
     if storage.exists(fs, path("_stage1", "status=ok")):
-        ok = _read(path("_stage1", "status=ok"), fs, cpus).repartition(target_num_rows_per_block=ic.rows_per_block)
+        ok = storage.read_parquet(path("_stage1", "status=ok"), fs, cpus).repartition(target_num_rows_per_block=ic.rows_per_block)
         partitions = max(1, min(200, rows_read // 20_000))  # ~20k rows per shuffle partition
         ok = ok.groupby("pair_key", num_partitions=partitions).map_groups(
             _resolve, fn_kwargs={"policy": ic.conflicts}, batch_format="pyarrow", **remote)
@@ -277,19 +271,19 @@ def _prepare(cfg: Config) -> dict:
     q_parts = [p for p in (path("_stage1", "status=quarantined"), path("_stage2", "status=quarantined"))
                if storage.exists(fs, p)]
     if q_parts:
-        q = _read(q_parts[0], fs, cpus, QUARANTINE_COLUMNS)
+        q = storage.read_parquet(q_parts[0], fs, cpus, QUARANTINE_COLUMNS)
         for extra in q_parts[1:]:
-            q = q.union(_read(extra, fs, cpus, QUARANTINE_COLUMNS))
+            q = q.union(storage.read_parquet(extra, fs, cpus, QUARANTINE_COLUMNS))
         q.write_parquet(path("quarantine"), filesystem=fs, ray_remote_args=remote)
     if storage.exists(fs, path("_stage2", "status=deduplicated")):
-        dedup = _read(path("_stage2", "status=deduplicated"), fs, cpus, ["row_id", "source", "duplicate_of"])
+        dedup = storage.read_parquet(path("_stage2", "status=deduplicated"), fs, cpus, ["row_id", "source", "duplicate_of"])
         dedup.write_parquet(path("deduplicated"), filesystem=fs, ray_remote_args=remote)
 
     # Pass 3: UDM weights (or weight 1), written as the prepared data.
     console.status("pass 3/3: UDM weights" if cfg.udm.enabled else "pass 3/3: write the prepared data")
     udm_report = {"enabled": cfg.udm.enabled}
     if storage.exists(fs, path("_stage2", "status=ok")):
-        kept = _read(path("_stage2", "status=ok"), fs, cpus).drop_columns(["reason", "raw", "duplicate_of",
+        kept = storage.read_parquet(path("_stage2", "status=ok"), fs, cpus).drop_columns(["reason", "raw", "duplicate_of",
                                                                            "pair_key"])
         kept, udm_report = fit_and_weigh(kept, cfg, fs, path("udm"))
         kept.write_parquet(path("data"), filesystem=fs, ray_remote_args=remote)
@@ -321,7 +315,7 @@ def _manifest(cfg, fs, out, rows_read, files, udm_report, seconds) -> dict:
     dedup = count_rows(fs, storage.join(out, "deduplicated"))
     reasons: dict[str, int] = {}
     if storage.exists(fs, storage.join(out, "quarantine")):
-        reason_counts = _read(storage.join(out, "quarantine"), fs, ic.num_cpus_per_task, ["reason"])
+        reason_counts = storage.read_parquet(storage.join(out, "quarantine"), fs, ic.num_cpus_per_task, ["reason"])
         for r in reason_counts.groupby("reason").count().take_all():
             reasons[r["reason"]] = int(r["count()"])
     quarantined = count_rows(fs, storage.join(out, "quarantine"))  # from footers, not from `reasons`
@@ -330,7 +324,7 @@ def _manifest(cfg, fs, out, rows_read, files, udm_report, seconds) -> dict:
     per_split_label, lengths = {}, {}
     if kept:
         columns = ["split", "label", "prompt_tokens", "completion_tokens", "truncated"]
-        data = _read(storage.join(out, "data"), fs, ic.num_cpus_per_task, columns)
+        data = storage.read_parquet(storage.join(out, "data"), fs, ic.num_cpus_per_task, columns)
         for r in data.groupby(["split", "label"]).count().take_all():
             per_split_label[f"{r['split']}/{'up' if r['label'] else 'down'}"] = int(r["count()"])
         hist = np.zeros(ic.max_length + 1, np.int64)

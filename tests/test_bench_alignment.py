@@ -4,7 +4,7 @@ them BCO and the paired objective (DPO, whose rows the benchmark pairs itself), 
 and both logs. KTO differs from BCO only in its objective, which test_objectives checks by
 hand-computed values and test_train trains on two workers; the other three differ by one
 objective flag (delta_mode zero, udm_weights false), each tested numerically in
-test_trainstep. The four cost 2.5 min of CI.
+test_trainstep. The four left out would add about 2.5 min to CI.
 
 The full-size figures come from `python bench/alignment.py` (docs/alignment-benchmark.md)."""
 
