@@ -316,8 +316,8 @@ def _manifest(cfg, fs, out, rows_read, files, udm_report, seconds) -> dict:
     reasons: dict[str, int] = {}
     if storage.exists(fs, storage.join(out, "quarantine")):
         reason_counts = storage.read_parquet(storage.join(out, "quarantine"), fs, ic.num_cpus_per_task, ["reason"])
-        for r in reason_counts.groupby("reason").count().take_all():
-            reasons[r["reason"]] = int(r["count()"])
+        for (reason,), n in storage.count_by(reason_counts, ["reason"], ic.num_cpus_per_task).items():
+            reasons[reason] = n
     quarantined = count_rows(fs, storage.join(out, "quarantine"))  # from footers, not from `reasons`
     if quarantined != sum(reasons.values()):
         raise RuntimeError(f"quarantine has {quarantined} rows but its reasons sum to {sum(reasons.values())}")
@@ -325,8 +325,8 @@ def _manifest(cfg, fs, out, rows_read, files, udm_report, seconds) -> dict:
     if kept:
         columns = ["split", "label", "prompt_tokens", "completion_tokens", "truncated"]
         data = storage.read_parquet(storage.join(out, "data"), fs, ic.num_cpus_per_task, columns)
-        for r in data.groupby(["split", "label"]).count().take_all():
-            per_split_label[f"{r['split']}/{'up' if r['label'] else 'down'}"] = int(r["count()"])
+        for (split, label), n in storage.count_by(data, ["split", "label"], ic.num_cpus_per_task).items():
+            per_split_label[f"{split}/{'up' if label else 'down'}"] = n
         hist = np.zeros(ic.max_length + 1, np.int64)
         for b in data.map_batches(_length_hist, fn_kwargs={"max_length": ic.max_length},
                                   batch_format="numpy").iter_rows():

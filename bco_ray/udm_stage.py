@@ -75,6 +75,12 @@ def _add_unit_weight(table: pa.Table) -> pa.Table:
     return table.append_column("weight", pa.array(np.ones(table.num_rows, dtype=np.float32)))
 
 
+def _add_weights(table: pa.Table, weights: dict) -> pa.Table:
+    """`weight` from a {row_id: density ratio} of the thumbs-down rows; 1 for the others."""
+    w = [weights.get(r, 1.0) for r in table["row_id"].to_pylist()]
+    return table.append_column("weight", pa.array(np.asarray(w, dtype=np.float32)))
+
+
 def fit_and_weigh(ds, cfg: Config, fs, udm_dir: str):
     """(dataset with a `weight` column, UDM report). Weights are 1 when UDM is off or cannot fit."""
     import ray
@@ -84,8 +90,8 @@ def fit_and_weigh(ds, cfg: Config, fs, udm_dir: str):
     uc, seed = cfg.udm, cfg.run.seed
     if not uc.enabled:
         return ds.map_batches(_add_unit_weight, batch_format="pyarrow"), {"enabled": False}
-    counts = {(r["split"], bool(r["label"])): int(r["count()"])
-              for r in ds.groupby(["split", "label"]).count().take_all()}
+    counts = {(split, bool(label)): n
+              for (split, label), n in storage.count_by(ds, ["split", "label"], cfg.ingest.num_cpus_per_task).items()}
     sample = _sample(ds, counts, {"train": uc.sample_size, "eval": uc.eval_sample_size}, seed)
     train, held = sample["train"], sample["eval"]
     if min(sum(r["label"] for r in held), sum(not r["label"] for r in held)) < MIN_HELDOUT:
@@ -96,8 +102,17 @@ def fit_and_weigh(ds, cfg: Config, fs, udm_dir: str):
         report = {"enabled": True, "skipped": "UDM needs prompts of both labels; every weight is 1"}
         return ds.map_batches(_add_unit_weight, batch_format="pyarrow"), report
     model_dir = str(resolve_model(cfg.model.embedder, cfg.model.cache_dir))
-    emb = _embed(train + held, model_dir, cfg)
-    x_tr, x_ho = emb[:len(train)], emb[len(train):]
+    # A log at most twice the sample: embed every prompt in this one pass and weigh from those
+    # embeddings, instead of a second embedding pool over the thumbs-down rows (at least half
+    # of the rows again, plus the pool's start). Never more embeddings than the two passes.
+    one_pass, rest = sum(counts.values()) <= 2 * len(train + held), []
+    if one_pass:
+        sampled = {r["row_id"] for r in train + held}
+        rest = [{"row_id": r["row_id"], "prompt": r["prompt"], "label": False}
+                for r in ds.select_columns(["row_id", "prompt", "label"]).take_all()
+                if not r["label"] and r["row_id"] not in sampled]
+    emb = _embed(train + held + rest, model_dir, cfg)
+    x_tr, x_ho = emb[:len(train)], emb[len(train):len(train) + len(held)]
     y_tr = np.array([r["label"] for r in train])
     y_ho = np.array([r["label"] for r in held])
     coef, intercept = fit_logistic_regression(x_tr, y_tr, c=uc.l2_c)
@@ -127,12 +142,20 @@ def fit_and_weigh(ds, cfg: Config, fs, udm_dir: str):
     decision = (f"on: held-out AUC {clf.metrics['heldout_auc']:.3f} (95 % lower bound {lower:.3f}"
                 + (f" >= udm.min_auc {uc.min_auc})" if uc.min_auc is not None else ", udm.min_auc null)"))
     console.say(f"[udm] weights {decision}")
+    if one_pass:
+        rows = train + held + rest
+        down = [i for i, r in enumerate(rows) if not r["label"]]
+        weights = {rows[i]["row_id"]: float(x) for i, x in zip(down, clf.weights(emb[down]), strict=True)}
+        weighted = ds.map_batches(_add_weights, fn_kwargs={"weights": weights}, batch_format="pyarrow",
+                                  num_cpus=cfg.ingest.num_cpus_per_task)
+        return weighted, {"enabled": True, "applied": True, "decision": decision, "embedding_passes": 1,
+                          **{k: v for k, v in clf.metrics.items() if k != "heldout_calibration"}}
     weighted = ds.map_batches(
         UDMWeigher, fn_constructor_kwargs={"model_dir": model_dir, "classifier_json": clf.to_json(),
                                            "batch_size": uc.embed_batch_size},
         batch_size=uc.embed_batch_size, batch_format="pyarrow", num_cpus=cfg.ingest.num_cpus_per_task,
         compute=ray.data.ActorPoolStrategy(size=uc.embed_actors))
-    return weighted, {"enabled": True, "applied": True, "decision": decision,
+    return weighted, {"enabled": True, "applied": True, "decision": decision, "embedding_passes": 2,
                       **{k: v for k, v in clf.metrics.items() if k != "heldout_calibration"}}
 
 

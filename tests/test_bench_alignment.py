@@ -1,10 +1,11 @@
 """bench/alignment.py at toy size: the benchmark keeps working (real judge data from PyPI,
-real pipeline stages), and what it writes is consistent. Three of the seven variants: between
-them BCO and the paired objective (DPO, whose rows the benchmark pairs itself), UDM on and off
-and both logs. KTO differs from BCO only in its objective, which test_objectives checks by
-hand-computed values and test_train trains on two workers; the other three differ by one
-objective flag (delta_mode zero, udm_weights false), each tested numerically in
-test_trainstep. The four left out would add about 2.5 min to CI.
+real pipeline stages, TRL 1.13's real BCOTrainer), and what it writes is consistent. Three of
+the eight variants: bco-ray's BCO + UDM, the paired objective (DPO, whose rows the benchmark
+pairs itself) and TRL's BCOTrainer on the same rows. KTO differs from BCO only in its
+objective, which test_objectives checks by hand-computed values and test_train trains on two
+workers; the BCO variants without UDM or with delta = 0 differ by one objective flag, each
+tested numerically in test_trainstep; the shifted log is the same pipeline on other rows
+(and test_ingest checks UDM on a shifted log). The five left out would add about 3 min to CI.
 
 The full-size figures come from `python bench/alignment.py` (docs/alignment-benchmark.md)."""
 
@@ -20,7 +21,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]
 
 
-SUBSET = ["BCO + UDM", "DPO", "BCO (shifted log)"]
+SUBSET = ["BCO + UDM", "DPO", "TRL 1.13 BCOTrainer"]
 
 
 def test_toy_alignment_benchmark_runs_its_variants(ray_local, tmp_path, monkeypatch):
@@ -41,7 +42,19 @@ def test_toy_alignment_benchmark_runs_its_variants(ray_local, tmp_path, monkeypa
     ref = [r for r in runs if r["variant"] == "reference"]
     assert all(r["kl"] == 0.0 for r in ref)  # the reference against itself, same dtype: exactly 0
     trained = [r for r in runs if r["variant"] != "reference"]
-    assert all(r["eval_reward_accuracy"] is not None and r["kl"] != 0.0 for r in trained)  # they did train
+    assert all(r["kl"] != 0.0 for r in trained)  # they did train
+    ours = [r for r in trained if r["variant"] != bench.TRL]
+    assert all(r["eval_reward_accuracy"] is not None for r in ours)
+    (trl,) = [r["trl"] for r in trained if r["variant"] == bench.TRL]
+    # TRL trained on bco-ray's train split, for the same number of steps
+    split = sum(n for k, n in meta["data"]["balanced"]["prepare"]["kept_by_split_label"].items()
+                if k.startswith("train/"))
+    assert trl["steps"] == meta["size"]["steps"] and trl["rows"] == split, (trl, split)
+    for r in summary:  # paired answers: every variant answered the same prompts, as many times
+        assert r["answers"] == summary[0]["answers"] and r["positive_ci95"][0] <= r["positive_rate"] <= r["positive_ci95"][1]
+        if r["variant"] != "reference":
+            lo, hi = r["positive_diff_ci95"]
+            assert lo <= r["positive_diff"] <= hi and r["answers_for_5_points"] > 0
     for name, d in meta["data"].items():  # the pipeline's own accounting held on both logs
         p = d["prepare"]
         assert p["rows_read"] == meta["logs"][name]["rows"] - meta["logs"][name].get("pairs", 0), (name, p)

@@ -4,6 +4,7 @@ import json
 from collections import Counter
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pytest
@@ -70,13 +71,34 @@ def test_demo_log_every_reason_and_exact_accounting(ray_local, tmp_path):
     down = [r for r in data if not r["label"]]
     target = shifted_share(up, False)
     assert abs(shifted_share(down, True) - target) < 0.5 * abs(shifted_share(down, False) - target)
+    # This log is under twice the UDM sample, so every prompt was embedded in one pass and the
+    # weights came from those embeddings: they are what the weigher (the other path's actor)
+    # computes from the same classifier.
+    from bco_ray.assets import resolve_model
+    from bco_ray.udm import UDMWeigher
 
-    # Rerunning gives the same rows, splits and weights (seeded, hash-based).
-    again = prepare(cfg)
+    assert m["udm"]["embedding_passes"] == 1, m["udm"]
+    some = down[:48]
+    weigher = UDMWeigher(str(resolve_model(cfg.model.embedder)), (out / "udm" / "classifier.json").read_text())
+    got = weigher(pa.table({"prompt": [r["prompt"] for r in some], "label": [False] * len(some)}))
+    np.testing.assert_allclose(got["weight"].to_numpy(), [r["weight"] for r in some], rtol=1e-4)
+
+    # Rerunning gives the same rows and splits (seeded, hash-based). With a sample under half
+    # the log, the weights take the other path: a second embedding pass over the thumbs-down
+    # rows in an actor pool (UDMWeigher); they still move the thumbs-down prompts toward the
+    # thumbs-up ones. (The same sample size would give the same weights: the one-pass weights
+    # are the weigher's, checked above, and the sample is seeded.)
+    again = prepare(load_config(None, BASE + ["--ingest.input", log, "--ingest.eval_fraction", "0.15",
+                                              "--run.run_dir", str(tmp_path / "run"), "--udm.sample_size", "300",
+                                              "--udm.eval_sample_size", "200"]))
     assert {k: again[k] for k in ("kept", "quarantined", "deduplicated")} == \
         {k: m[k] for k in ("kept", "quarantined", "deduplicated")}
-    data2 = {r["row_id"]: (r["split"], round(r["weight"], 5)) for r in read(str(out / "data"))}
-    assert data2 == {r["row_id"]: (r["split"], round(r["weight"], 5)) for r in data}
+    assert again["udm"]["applied"] and again["udm"]["embedding_passes"] == 2, again["udm"]
+    data2 = read(str(out / "data"))
+    assert {r["row_id"]: r["split"] for r in data2} == {r["row_id"]: r["split"] for r in data}
+    assert all(r["weight"] == 1.0 for r in data2 if r["label"])
+    down2 = [r for r in data2 if not r["label"]]
+    assert abs(shifted_share(down2, True) - target) < 0.5 * abs(shifted_share(down2, False) - target)
 
 
 def _shifted_subjects():
