@@ -13,7 +13,7 @@ import argparse
 import sys
 import traceback
 
-from bco_ray.config import ConfigError, docs_markdown, dump_yaml, load_config
+from bco_ray.config import ConfigError, docs_markdown, dump_yaml, load_config, secret_keys
 from bco_ray.errors import UserError, first_line
 
 PIPELINE = "assets -> prepare -> udm -> score-ref -> train -> eval -> serve"
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         _finish(con, cfg)
 
 
-SECRET_KEYS = ("storage.access_key_id", "storage.secret_access_key", "serve.api_keys")
+SECRET_KEYS = secret_keys()
 
 
 def redact_argv(argv: list[str]) -> list[str]:
@@ -188,25 +188,25 @@ def _run(command: str, cfg) -> int:
     init_ray(cfg.ray)
     preflight.check_after_ray(cfg, command)
     if command == "prepare":
-        from bco_ray.ingest import prepare
+        from bco_ray.data.ingest import prepare
 
         manifest = prepare(cfg)
         print(json.dumps({k: v for k, v in manifest.items() if k != "config"}, indent=1))
         return 0
     if command == "score-ref":
-        from bco_ray.refscore_stage import score_reference
+        from bco_ray.score.stage import score_reference
 
         manifest = score_reference(cfg)
         print(json.dumps({k: v for k, v in manifest.items() if k != "config"}, indent=1))
         return 0
     if command == "train":
-        from bco_ray.train import train
+        from bco_ray.train.stage import train
 
         card = train(cfg)
         print(f"[bco-ray] model: {card['model']} (run card: {card['model']}/run_card.json)")
         return 0
     if command == "eval":
-        from bco_ray.eval_stage import evaluate
+        from bco_ray.eval.stage import evaluate
 
         evaluate(cfg)  # prints its summary; a rejected model raises (exit 1)
         return 0
@@ -218,7 +218,7 @@ def _run(command: str, cfg) -> int:
     if command == "serve":
         import time
 
-        from bco_ray import serve
+        from bco_ray.serve import stage as serve
 
         url = serve.start(cfg)
         print(f"[bco-ray] serving {cfg.serve.model_name} at {url} (Ctrl-C stops; feedback is flushed)", flush=True)

@@ -24,8 +24,10 @@ class ConfigError(ValueError):
     """A config file or override that does not fit the schema."""
 
 
-def knob(default: Any, help: str, **kw) -> Any:  # noqa: A002 - the name reads best in the classes
-    return field(default=default, metadata={"help": help}, **kw)
+def knob(default: Any, help: str, secret: bool = False, **kw) -> Any:  # noqa: A002 - the name reads best here
+    """A config field: its default, its one-line help, and whether its value is a secret (never
+    written to an artefact: see `redacted`)."""
+    return field(default=default, metadata={"help": help, "secret": secret}, **kw)
 
 
 @dataclass(frozen=True)
@@ -60,7 +62,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class ObjectiveConfig:
-    """The training objective (bco_ray/objectives.py)."""
+    """The training objective (bco_ray/train/objectives.py)."""
 
     loss: Literal["bco", "kto", "dpo"] = knob("bco", "Objective: BCO (default), or the KTO / DPO baselines.")
     beta: float = knob(0.1, "Reward scale beta in r = beta * (log pi - log pi_ref).")
@@ -78,8 +80,9 @@ class StorageConfig:
 
     endpoint_url: str | None = knob(None, "S3 endpoint, e.g. http://127.0.0.1:9000 for MinIO; null uses AWS's (or $AWS_ENDPOINT_URL).")
     region: str | None = knob(None, "S3 region; null uses $AWS_REGION or the bucket's.")
-    access_key_id: str | None = knob(None, "Access key; null uses the environment / AWS credential chain (prefer that to a config file).")
-    secret_access_key: str | None = knob(None, "Secret key; null uses the environment / AWS credential chain.")
+    access_key_id: str | None = knob(None, "Access key; null uses the environment / AWS credential chain (prefer that to a config file).",
+                                     secret=True)
+    secret_access_key: str | None = knob(None, "Secret key; null uses the environment / AWS credential chain.", secret=True)
     anonymous: bool = knob(False, "Read public buckets without credentials.")
 
 
@@ -252,9 +255,11 @@ class ServeConfig:
 
     model: str | None = knob(None, "HF model directory or s3:// prefix to serve; null is train.export or <run_dir>/model.")
     model_name: str = knob("bco-ray", "Model id clients put in requests (GET /v1/models lists it).")
-    host: str = knob("127.0.0.1", "Bind address; 0.0.0.0 exposes the endpoint to the network (set api_keys then).")
+    host: str = knob("127.0.0.1", "Bind address; 0.0.0.0 exposes the endpoint to the network (API keys required then).")
     port: int = knob(8000, "HTTP port.")
-    api_keys: tuple[str, ...] = knob((), "Accepted Bearer keys; empty and $BCO_RAY_API_KEYS unset: no auth. Prefer the env var (comma-separated) to a file.")
+    api_keys: tuple[str, ...] = knob((), "Accepted Bearer keys; empty and $BCO_RAY_API_KEYS unset: no auth (loopback only). Prefer the env var (comma-separated) to a file.",
+                                     secret=True)
+    allow_unauthenticated: bool = knob(False, "Serve without API keys on a non-loopback serve.host (behind a proxy that authenticates).")
     engine: Literal["auto", "hf", "vllm"] = knob("auto", "Generation engine: 'vllm' (AsyncLLM, continuous batching) or 'hf' (transformers, @serve.batch); 'auto' is vllm when the cluster has GPUs and vLLM is installed, else hf.")
     num_replicas: int = knob(1, "Replicas of the model server (ignored when autoscaling).")
     autoscale_max_replicas: int | None = knob(None, "Enable autoscaling between 1 and this many replicas, on ongoing requests.")
@@ -377,7 +382,34 @@ def _build(cls, data: Any, prefix: str):
 
 
 def to_dict(cfg) -> dict:
+    """Every value, secrets included: what Ray workers get. Artefacts get `redacted(cfg)`."""
     return dataclasses.asdict(cfg)
+
+
+REDACTED = "<redacted>"
+
+
+def secret_keys() -> tuple[str, ...]:
+    """The dotted names of the secret knobs (storage keys, API keys)."""
+    cfg = Config()
+    return tuple(f"{s.name}.{f.name}" for s in dataclasses.fields(cfg) for f in dataclasses.fields(getattr(cfg, s.name))
+                 if f.metadata.get("secret"))
+
+
+def redacted(cfg) -> dict:
+    """`to_dict(cfg)` with the value of every secret knob that is set replaced by REDACTED:
+    what manifests, run cards, MLflow params, reports and logs get."""
+    out = to_dict(cfg)
+
+    def walk(obj, d: dict) -> None:
+        for f in dataclasses.fields(obj):
+            v = getattr(obj, f.name)
+            if f.metadata.get("secret") and v:
+                d[f.name] = REDACTED
+            elif dataclasses.is_dataclass(v):
+                walk(v, d[f.name])
+    walk(cfg, out)
+    return out
 
 
 def parse_overrides(argv: list[str]) -> dict:
@@ -433,7 +465,7 @@ def from_dict(data: dict, cls=Config):
 
 
 def dump_yaml(cfg) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    return yaml.safe_dump(redacted(cfg), sort_keys=False)
 
 
 def docs_markdown(cls=Config) -> str:

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from bco_ray import __version__, console
-from bco_ray.config import Config, to_dict
+from bco_ray.config import Config, redacted, to_dict
 from bco_ray.errors import first_line
 from bco_ray.raycluster import init_ray
 from bco_ray.report import write_report
@@ -39,7 +39,7 @@ def stage_assets(cfg: Config, run_dir: Path) -> dict:
 
 
 def stage_prepare(cfg: Config, run_dir: Path) -> dict:
-    from bco_ray.ingest import prepare
+    from bco_ray.data.ingest import prepare
 
     m = prepare(cfg)
     keys = ("rows_read", "examples", "kept", "quarantined", "deduplicated", "quarantine_reasons",
@@ -48,7 +48,7 @@ def stage_prepare(cfg: Config, run_dir: Path) -> dict:
 
 
 def stage_score_ref(cfg: Config, run_dir: Path) -> dict:
-    from bco_ray.refscore_stage import score_reference
+    from bco_ray.score.stage import score_reference
 
     m = score_reference(cfg)
     keys = ("backend", "reference", "dtype", "rows_in", "scored", "quarantined", "completion_tokens",
@@ -57,7 +57,7 @@ def stage_score_ref(cfg: Config, run_dir: Path) -> dict:
 
 
 def stage_train(cfg: Config, run_dir: Path) -> dict:
-    from bco_ray.train import train
+    from bco_ray.train.stage import train
 
     card = train(cfg)
     return {"model": card["model"], "steps": card["steps"], "exported_step": card["exported_step"],
@@ -68,7 +68,7 @@ def stage_train(cfg: Config, run_dir: Path) -> dict:
 def stage_eval(cfg: Config, run_dir: Path) -> dict:
     """The trained model vs the reference on held-out prompts; a rejected model stops the run
     here, before it is served."""
-    from bco_ray.eval_stage import evaluate
+    from bco_ray.eval.stage import evaluate
 
     s = evaluate(cfg)
     return {k: s[k] for k in ("passed", "enforced", "reasons", "model", "prompts_from", "metrics", "side_by_side")}
@@ -79,11 +79,13 @@ def stage_serve(cfg: Config, run_dir: Path) -> dict:
     user would do by hand); `bco-ray serve` keeps it running."""
     import openai
 
-    from bco_ray import serve
+    from bco_ray.serve import stage as serve
 
     url = serve.start(cfg)
     try:
-        key = (list(cfg.serve.api_keys) or ["none"])[0]
+        from bco_ray.serve.app import usable_keys
+
+        key = (usable_keys(cfg.serve.api_keys) or ["none"])[0]  # $BCO_RAY_API_KEYS counts too
         client = openai.OpenAI(base_url=url, api_key=key, max_retries=2)
         question = "How do I reset my password?"
         r = client.chat.completions.create(model=cfg.serve.model_name, max_tokens=48, temperature=0,
@@ -212,7 +214,7 @@ def align(cfg: Config) -> dict:
     # Stages not reached yet keep their previous entries (a crash before them must not make
     # the next run redo them; their keys are checked again anyway).
     manifest = {"bco_ray_version": __version__, "python": platform.python_version(),
-                "config": to_dict(cfg), "stages": dict(previous)}
+                "config": redacted(cfg), "stages": dict(previous)}
     keys: dict = {}
     console.say(f"[bco-ray] {ray_description(cfg)}")
     t_start = time.time()

@@ -109,7 +109,7 @@ def check_served_model(cfg: Config) -> None:
         raise UserError(f"no model to serve at {uri}",
                         "train one first (`bco-ray train` or `bco-ray align`), or point --serve.model at a HF model "
                         "directory or s3:// prefix")
-    from bco_ray.serve import refuse_rejected
+    from bco_ray.serve.stage import refuse_rejected
 
     refuse_rejected(str(Path(uri).expanduser()), uri)
 
@@ -127,7 +127,7 @@ def check_eval(cfg: Config, command: str) -> None:
                         "e.g. --eval.judge_url http://127.0.0.1:8001/v1 --eval.judge_model my-judge")
     if command == "eval":  # (tune evaluates what its own trials export)
         from bco_ray import storage
-        from bco_ray.eval_stage import candidate_uri
+        from bco_ray.eval.stage import candidate_uri
 
         uri = candidate_uri(cfg)
         if not storage.is_s3(uri) and not (Path(uri).expanduser() / "config.json").is_file():
@@ -135,10 +135,36 @@ def check_eval(cfg: Config, command: str) -> None:
                             "train one first (`bco-ray train`), or point --eval.model at a HF model directory")
 
 
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
+def check_auth(cfg: Config) -> None:
+    """No endpoint reachable from the network without API keys, unless the user says so."""
+    from bco_ray.serve.app import usable_keys
+
+    sc = cfg.serve
+    try:
+        keys = usable_keys(sc.api_keys)
+    except ValueError as e:
+        raise UserError(str(e), "remove the empty entry from serve.api_keys") from None
+    if not keys and not is_loopback(sc.host) and not sc.allow_unauthenticated:
+        raise UserError(f"serve.host {sc.host} would serve the model to the network with no API key",
+                        "set BCO_RAY_API_KEYS=key1,key2 (or serve.api_keys); behind a proxy that authenticates, "
+                        "--serve.allow_unauthenticated true")
+
+
 def check_before_ray(cfg: Config, command: str) -> None:
     stages = COMMAND_STAGES.get(command, ())
     if "prepare" in stages and not (command == "tune" and cfg.train.input):  # tune on given data reads no log
-        from bco_ray.ingest import check_input
+        from bco_ray.data.ingest import check_input
 
         check_input(cfg)  # input, schema, date filter
     check_models(cfg, stages)
@@ -147,6 +173,7 @@ def check_before_ray(cfg: Config, command: str) -> None:
     if command == "serve":
         check_served_model(cfg)
     if "serve" in stages:
+        check_auth(cfg)
         check_port(cfg.serve.host, cfg.serve.port)
 
 

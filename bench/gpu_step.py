@@ -7,7 +7,7 @@
    parameters, random init, bf16), precomputed reference log-probs, seq 512 with a 128-token
    prompt, AdamW, side by side in one process:
      naive     full logits, fp32 log_softmax, bco_loss            (the plain-PyTorch baseline)
-     fused     bco_ray.trainstep.train_step: fused chunked LM head, prompt rows skipped
+     fused     bco_ray.train.step.train_step: fused chunked LM head, prompt rows skipped
      compiled  the same with torch.compile on every decoder layer and on the head's chunk math
    tokens/s counts every real token (prompt + completion); model FLOPs = 6 N per token.
 3. FSDP2: the same step with `fully_shard` (1 rank, NCCL, bf16 params / fp32 reductions,
@@ -28,8 +28,13 @@ import time
 import torch
 
 from bco_ray.config import ObjectiveConfig
-from bco_ray.objectives import RewardShift, bco_loss, sequence_logps, sequence_logps_from_hidden
-from bco_ray.trainstep import PolicyLogps, train_step
+from bco_ray.train.objectives import (
+    RewardShift,
+    bco_loss,
+    sequence_logps,
+    sequence_logps_from_hidden,
+)
+from bco_ray.train.step import PolicyLogps, train_step
 
 PEAK_TFLOPS = 989.0  # H100 SXM dense bf16
 

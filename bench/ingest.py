@@ -29,7 +29,7 @@ def child(args) -> None:
     import psutil
 
     from bco_ray.config import RayConfig, load_config
-    from bco_ray.ingest import prepare
+    from bco_ray.data.ingest import prepare
     from bco_ray.raycluster import init_ray
 
     me = psutil.Process()
@@ -102,7 +102,7 @@ def main() -> None:
         args.cpus = args.cpus[0]
         child(args)
         return
-    from bco_ray.demo_data import write_log
+    from bco_ray.data.demo_data import write_log
 
     results = []
     for rows in (int(r) for r in args.rows):

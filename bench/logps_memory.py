@@ -5,7 +5,7 @@
 
 Variants, same inputs:
   naive    logits.float().log_softmax(-1).gather(...)   (what TRL and most trainers do)
-  chunked  bco_ray.objectives.sequence_logps(logits, ...) (fp32 logsumexp per chunk)
+  chunked  bco_ray.train.objectives.sequence_logps(logits, ...) (fp32 logsumexp per chunk)
   fused    sequence_logps_from_hidden(hidden, W, ...)     (the LM head fused: no logits at all;
            its figure includes the head's matmul, which the other two get for free)
 Each variant runs in a fresh subprocess. "extra" is the peak above the inputs: on CUDA,
@@ -33,7 +33,7 @@ def _rss_mb(field: str) -> float:
 def run_variant(args) -> dict:
     import torch
 
-    from bco_ray.objectives import sequence_logps, sequence_logps_from_hidden
+    from bco_ray.train.objectives import sequence_logps, sequence_logps_from_hidden
 
     torch.manual_seed(0)
     dev, dtype = torch.device(args.device), getattr(torch, args.dtype)

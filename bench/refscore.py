@@ -3,7 +3,7 @@
     python bench/refscore.py                                   # CPU: SmolLM2-135M, fp32 and bf16
     python bench/refscore.py --device cuda --dtypes bfloat16 --model /models/qwen2-0.5b --rows 4096
 
-Rows are the demo generator's text (clean rows, `bco_ray.demo_data`), chat-templated and
+Rows are the demo generator's text (clean rows, `bco_ray.data.demo_data`), chat-templated and
 tokenized like `prepare` does (prompt as a user turn, completion + EOS). Both backends are the functions
 the Ray actors call (`score_hf`, `VLLMScorer.score`), without Ray, so the same script runs
 on a GPU machine that has no Ray. Prints completion tokens/s, the ratio, and the gap
@@ -27,7 +27,7 @@ def load_rows(model_dir: str, n: int, max_length: int):
     import pyarrow.dataset as pads
     from transformers import AutoTokenizer
 
-    from bco_ray.demo_data import write_log
+    from bco_ray.data.demo_data import write_log
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     with tempfile.TemporaryDirectory() as d:
@@ -63,7 +63,7 @@ def main() -> None:
     import torch
 
     from bco_ray.assets import load_causal_lm, resolve_model
-    from bco_ray.refscore import VLLMScorer, score_hf
+    from bco_ray.score.refscore import VLLMScorer, score_hf
 
     path = str(resolve_model(args.model))
     ids, masks, tok = load_rows(path, args.rows, args.max_length)

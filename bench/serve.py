@@ -46,9 +46,9 @@ def main() -> None:
     ap.add_argument("--out")
     args = ap.parse_args()
 
-    from bco_ray import serve
     from bco_ray.config import RayConfig, load_config
     from bco_ray.raycluster import init_ray
+    from bco_ray.serve import stage as serve
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -1,9 +1,7 @@
 """Training throughput and memory: bco-ray's BCO step vs TRL 1.13's BCOTrainer, side by side.
 
-    # its own environment (TRL 1.13 was the last release with BCO; no Ray needed):
-    python3.11 -m venv /tmp/trlenv && /tmp/trlenv/bin/pip install torch==2.13.0 "trl==1.13.*" \
-        datasets accelerate gguf safetensors pyarrow pyyaml
-    PYTHONPATH=. /tmp/trlenv/bin/python bench/train.py                 # CPU, SmolLM2-135M
+    # TRL 1.13 (the last release with BCO) is in the dev environment (`bench` extra, scripts/setup.sh):
+    python bench/train.py                                              # CPU, SmolLM2-135M
     PYTHONPATH=. python bench/train.py --device cuda --model /models/qwen2-0.5b --batch 16
 
 Same model, same rows (the demo generator's text, chat-templated), same batch size and
@@ -12,7 +10,7 @@ its peak memory is its own:
 
   trl             BCOTrainer defaults (reference model run on the fly, gradient checkpointing)
   trl-precompute  BCOTrainer with precompute_ref_log_probs=True
-  ours            bco_ray.trainstep.train_step, reference log-probs precomputed (score-ref)
+  ours            bco_ray.train.step.train_step, reference log-probs precomputed (score-ref)
   ours-gc         the same with gradient checkpointing (the memory comparison)
 
 tokens/s counts real (unpadded) prompt + completion tokens of the timed steps; the
@@ -34,7 +32,7 @@ import time
 def rows(n: int, seed: int = 0) -> list[dict]:
     import pyarrow.dataset as pads
 
-    from bco_ray.demo_data import write_log
+    from bco_ray.data.demo_data import write_log
 
     with tempfile.TemporaryDirectory() as d:
         write_log(d, n, seed=seed, shift=0.0, dirty=0.0, days=1, variants=False)
@@ -76,9 +74,9 @@ def run_ours(args, gc: bool) -> dict:
 
     from bco_ray.assets import load_causal_lm
     from bco_ray.config import ObjectiveConfig
-    from bco_ray.objectives import RewardShift
-    from bco_ray.refscore import score_hf
-    from bco_ray.trainstep import PolicyLogps, collate, train_step
+    from bco_ray.score.refscore import score_hf
+    from bco_ray.train.objectives import RewardShift
+    from bco_ray.train.step import PolicyLogps, collate, train_step
 
     torch.manual_seed(0)
     dev = torch.device(args.device)

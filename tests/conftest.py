@@ -81,8 +81,8 @@ def prepared_tiny(ray_local, tmp_path_factory):
     """A small prepared dataset (tiny-llama tokens, clean unshifted log, paired rows
     included): the input of the score-ref, train and pipeline tests. Returns its run dir."""
     from bco_ray.config import load_config
-    from bco_ray.demo_data import write_log
-    from bco_ray.ingest import prepare
+    from bco_ray.data.demo_data import write_log
+    from bco_ray.data.ingest import prepare
 
     root = tmp_path_factory.mktemp("prepared")
     write_log(str(root / "log"), 160, seed=1, shift=0.0, dirty=0.0, days=1, variants=True)
@@ -96,7 +96,7 @@ def scored_tiny(prepared_tiny, tmp_path_factory):
     """prepared_tiny scored once (hf), with KL pairs so every objective can train on it: the
     input of the train and tune tests. Returns the scored directory."""
     from bco_ray.config import load_config
-    from bco_ray.refscore_stage import score_reference
+    from bco_ray.score.stage import score_reference
 
     out = str(tmp_path_factory.mktemp("scored") / "scored")
     score_reference(load_config(None, TINY + ["--run.run_dir", str(prepared_tiny), "--score.output", out,

@@ -5,7 +5,7 @@ import itertools
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bco_ray.batching import (
+from bco_ray.train.batching import (
     epoch_batches,
     interleave_labels,
     rank_micro_batches,

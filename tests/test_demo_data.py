@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from bco_ray.demo_data import write_log
+from bco_ray.data.demo_data import write_log
 
 ROOT = Path(__file__).resolve().parents[1]
 

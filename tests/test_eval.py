@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bco_ray import quality
 from bco_ray.config import load_config
+from bco_ray.eval import quality
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = str(Path(sys.executable).parent / "bco-ray")
@@ -127,7 +127,7 @@ def _cfg(tmp_path: Path, *extra: str):
 
 @pytest.mark.slow
 def test_run_eval_the_reference_against_itself_passes_with_zero_kl(models, tmp_path):
-    from bco_ray.eval_stage import eval_prompts, run_eval
+    from bco_ray.eval.stage import eval_prompts, run_eval
 
     ref, _ = models
     cfg = _cfg(tmp_path)
@@ -146,7 +146,7 @@ def test_run_eval_the_reference_against_itself_passes_with_zero_kl(models, tmp_p
 
 @pytest.mark.slow
 def test_run_eval_flags_the_collapsed_model(models, tmp_path):
-    from bco_ray.eval_stage import eval_prompts, run_eval
+    from bco_ray.eval.stage import eval_prompts, run_eval
 
     ref, collapsed = models
     cfg = _cfg(tmp_path)
@@ -217,7 +217,7 @@ def test_openai_judge_over_real_http_parses_scores_and_counts_unparsable_replies
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     from bco_ray.config import JUDGE_PROMPT
-    from bco_ray.judge import OpenAIJudge
+    from bco_ray.eval.judge import OpenAIJudge
     from tests.conftest import free_port
 
     seen = []
@@ -248,7 +248,7 @@ def test_openai_judge_over_real_http_parses_scores_and_counts_unparsable_replies
         judge = OpenAIJudge(f"http://127.0.0.1:{port}/v1", "judge-1", JUDGE_PROMPT, "MY_JUDGE_KEY")
         scores = judge.score(["q1", "q2", "q3"], ["a good answer", "meh", "???"])
         # Unscored pairs are left out of the comparison, and counted.
-        from bco_ray.eval_stage import _judged
+        from bco_ray.eval.stage import _judged
 
         cand = [{"prompt": 0, "text": "a good answer"}, {"prompt": 1, "text": "???"}]
         ref = [{"prompt": 0, "text": "meh"}, {"prompt": 1, "text": "meh"}]
@@ -268,7 +268,7 @@ def test_reward_model_judge_scores_with_a_sequence_classifier(tmp_path):
     from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
 
     from bco_ray.assets import resolve_model
-    from bco_ray.judge import RewardModelJudge
+    from bco_ray.eval.judge import RewardModelJudge
 
     tok = AutoTokenizer.from_pretrained(resolve_model("tiny-llama"))
     torch.manual_seed(0)

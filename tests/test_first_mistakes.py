@@ -188,7 +188,7 @@ def test_the_right_s3_credentials_pass_the_preflight(strict_s3, tmp_path):
     # (the check that the two cases above fail for the reason they name).
     from bco_ray import storage
     from bco_ray.config import load_config
-    from bco_ray.ingest import check_input
+    from bco_ray.data.ingest import check_input
 
     endpoint, key, secret = strict_s3
     cfg = load_config(None, ["--ingest.input", "s3://logs/feedback", "--ingest.label_column", "feedback",

@@ -1,4 +1,4 @@
-"""The generation check that runs during training (bco_ray.train_loop): the sharded policy
+"""The generation check that runs during training (bco_ray.train.loop): the sharded policy
 decodes exactly what the plain engine decodes, the verdict applies the eval gate's limits, and
 'best' never picks a failed eval. Ray Train's early stop is in test_train."""
 
@@ -11,7 +11,7 @@ import torch
 import torch.multiprocessing as mp
 
 from bco_ray.config import load_config
-from bco_ray.train_loop import _improved, generation_check, generation_verdict
+from bco_ray.train.loop import _improved, generation_check, generation_verdict
 
 QUESTIONS = ["How do I reset my password?", "What is two plus two?", "Name a colour.",
              "Write one sentence about the sea and the long grey winter light over it.", "Hi"]
@@ -23,7 +23,7 @@ def _prompts(tok) -> list[list[int]]:
 
 
 def _plain_greedy(lm, tok, prompts, max_tokens):
-    from bco_ray.generate import HFEngine, Sampling
+    from bco_ray.serve.generate import HFEngine, Sampling
 
     engine = HFEngine.wrap(lm, tok, torch.device("cpu"))
     got: list = []
@@ -37,7 +37,7 @@ def _fsdp_worker(rank, world, init_file, out_dir):
     from torch.distributed.fsdp import fully_shard
 
     from bco_ray.assets import load_causal_lm
-    from bco_ray.trainstep import PolicyLogps
+    from bco_ray.train.step import PolicyLogps
 
     with gloo_group(rank, world, init_file):
         torch.set_num_threads(1)
@@ -75,7 +75,7 @@ def test_two_fsdp_ranks_decode_what_the_plain_model_decodes():
 
 
 def test_one_process_check_matches_the_plain_engine_and_keeps_training_mode(tiny_llama):
-    from bco_ray.trainstep import PolicyLogps
+    from bco_ray.train.step import PolicyLogps
 
     lm, tok = tiny_llama
     policy = PolicyLogps(lm).train()

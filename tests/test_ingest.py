@@ -10,8 +10,8 @@ import pyarrow.fs as pafs
 import pytest
 
 from bco_ray.config import load_config
-from bco_ray.demo_data import SHIFTED, write_log
-from bco_ray.ingest import prepare
+from bco_ray.data.demo_data import SHIFTED, write_log
+from bco_ray.data.ingest import prepare
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -75,7 +75,7 @@ def test_demo_log_every_reason_and_exact_accounting(ray_local, tmp_path):
     # weights came from those embeddings: they are what the weigher (the other path's actor)
     # computes from the same classifier.
     from bco_ray.assets import resolve_model
-    from bco_ray.udm import UDMWeigher
+    from bco_ray.data.udm import UDMWeigher
 
     assert m["udm"]["embedding_passes"] == 1, m["udm"]
     some = down[:48]
@@ -102,7 +102,7 @@ def test_demo_log_every_reason_and_exact_accounting(ray_local, tmp_path):
 
 
 def _shifted_subjects():
-    from bco_ray.demo_data import SUBJECTS
+    from bco_ray.data.demo_data import SUBJECTS
     return [s for t in SHIFTED for s in SUBJECTS[t]]
 
 
@@ -118,7 +118,7 @@ def test_unshifted_logs_give_auc_near_half_and_weights_near_one(ray_local, tmp_p
     # The weights it withheld (what udm.min_auc null applies, through the same UDMWeigher):
     # noise spread around 1, not a correction.
     from bco_ray.assets import minilm_dir
-    from bco_ray.udm import UDMWeigher
+    from bco_ray.data.udm import UDMWeigher
 
     prepared = tmp_path / "run" / "prepared"
     table = pads.dataset(str(prepared / "data"), format="parquet").to_table(columns=["prompt", "label"])
@@ -151,7 +151,7 @@ def test_s3_partitioned_logs_date_filter_and_s3_outputs(ray_local, s3_endpoint, 
 def test_large_dirty_log_keeps_exactly_the_valid_rows(ray_local, tmp_path):
     """Independent recount: which rows are valid and unique is computed here, not by prepare."""
     from bco_ray.config import IngestConfig
-    from bco_ray.demo_data import add_dirt, synth_rows
+    from bco_ray.data.demo_data import add_dirt, synth_rows
 
     log = tmp_path / "log" / "date=2026-11-01"
     log.mkdir(parents=True)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from bco_ray.logprobs import completion_logps, sequence_logps, sequence_logps_from_hidden
+from bco_ray.score.logprobs import completion_logps, sequence_logps, sequence_logps_from_hidden
 
 
 def plain(logits, labels, mask):

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bco_ray.config import IngestConfig
-from bco_ray.normalise import (
+from bco_ray.data.normalise import (
     REASONS,
     LabelVocab,
     detect_format,
@@ -16,7 +16,7 @@ from bco_ray.normalise import (
     normalise_table,
     resolve_group,
 )
-from bco_ray.tokenization import FeedbackTokenizer, split_of
+from bco_ray.data.tokenization import FeedbackTokenizer, split_of
 
 CFG = IngestConfig(label_column="feedback")
 VOCAB = LabelVocab(CFG.true_labels, CFG.false_labels)
@@ -163,7 +163,7 @@ def test_tokenization_masks_prompt_appends_eos_truncates_completion(tiny_llama):
     assert out["input_ids"][-1] == tok.eos_token_id and not out["truncated"]
     long = enc.encode("Is coffee good for me?", None, "word " * 100)
     assert len(long["input_ids"]) == 80 and long["truncated"] and long["prompt_tokens"] == len(p)
-    from bco_ray.normalise import Reject
+    from bco_ray.data.normalise import Reject
     with pytest.raises(Reject, match="prompt_too_long"):
         enc.encode("word " * 100, None, "c")
     plain = FeedbackTokenizer(tok, 80, 60, chat_template=False).encode("hello", None, "there")

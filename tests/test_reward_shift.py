@@ -9,7 +9,7 @@ import torch
 import torch.multiprocessing as mp
 from distributed import gloo_group
 
-from bco_ray.objectives import RewardShift, kto_kl_estimate
+from bco_ray.train.objectives import RewardShift, kto_kl_estimate
 
 R1, L1 = torch.tensor([1.0, 2.0, -1.0]), [True, True, False]
 R2, L2 = torch.tensor([4.0, -3.0]), [True, False]

@@ -18,7 +18,7 @@ KEY = "test-key-1"
 
 @pytest.fixture(scope="module")
 def server(ray_local, tmp_path_factory):
-    from bco_ray import serve
+    from bco_ray.serve import stage as serve
 
     root = tmp_path_factory.mktemp("serve")
     port = free_port()
@@ -97,6 +97,41 @@ def test_errors_have_openai_shape_and_status(server):
     assert status == 404
     with urllib.request.urlopen(url.removesuffix("/v1") + "/health") as r:  # no key needed
         assert json.loads(r.read())["status"] == "ok"
+    with urllib.request.urlopen(url.removesuffix("/v1") + "/ready") as r:  # no storage path in it
+        ready = json.loads(r.read())
+    assert ready["status"] == "ready" and "/" not in ready["version"], ready
+    status, body = post(f"{url}/models", None, key="")  # an empty key is no key
+    assert status == 401 and body["error"]["code"] == "invalid_api_key"
+
+
+def test_one_bad_request_fails_alone(server):
+    """The requests that used to fail their whole decoding batch (500 for every request in
+    it), sent together with valid ones: each gets its own answer."""
+    url = server["url"]
+    chat = {"model": "bco-ray", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+    bodies = [chat, {**chat, "top_p": 0, "temperature": 1}, chat, {**chat, "temperature": 1e-45},
+              {**chat, "seed": 2**64 - 1, "temperature": 1}, chat, {**chat, "seed": 2**70}]
+    results = [None] * len(bodies)
+
+    def send(i):
+        results[i] = post(f"{url}/chat/completions", bodies[i])
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [s for s, _ in results] == [200] * 6 + [400], results
+    assert results[-1][1]["error"]["param"] == "seed"
+    # top_p 0 and a vanishing temperature decode greedily: the greedy answer
+    assert results[1][1]["choices"][0]["message"] == results[3][1]["choices"][0]["message"]
+    greedy = post(f"{url}/chat/completions", {**chat, "temperature": 0})[1]
+    assert results[1][1]["choices"][0]["message"] == greedy["choices"][0]["message"]
+    # A comment that is not UTF-8 text is refused, and the feedback path still works after it.
+    cid = results[0][1]["id"]
+    status, body = post(f"{url}/feedback", None, raw=b'{"id": "%s", "label": "up", "comment": "\\ud800"}' % cid.encode())
+    assert status == 400 and body["error"]["param"] == "comment", body
+    assert post(f"{url}/feedback", {"id": cid, "label": "up", "comment": "fine"})[0] == 200
 
 
 def test_bounded_load_gives_only_200_or_503(server):
@@ -127,8 +162,8 @@ def test_bounded_load_gives_only_200_or_503(server):
 
 def test_feedback_round_trip_through_prepare(server):
     """Serve, chat, send feedback, stop the server gracefully, run prepare on the log."""
-    from bco_ray import serve
-    from bco_ray.ingest import prepare
+    from bco_ray.data.ingest import prepare
+    from bco_ray.serve import stage as serve
 
     c, url = server["client"], server["url"]
     chat = c.chat.completions.create(model="bco-ray", messages=[{"role": "user", "content": "Tell me a joke"}],

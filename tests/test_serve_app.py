@@ -11,7 +11,7 @@ def test_route_annotations_survive_the_trip_to_a_replica():
     # Serve pickles the ingress routes by value; a string annotation ('Request', from
     # `from __future__ import annotations`) does not resolve there, and FastAPI >= 0.137
     # then reads `request` as a required query parameter: every route answered 422.
-    from bco_ray import serve_app
+    from bco_ray.serve import app as serve_app
 
     routes = [r for r in serve_app.app.routes if isinstance(r, APIRoute)]
     assert {r.path for r in routes} >= {"/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/feedback"}
@@ -20,3 +20,80 @@ def test_route_annotations_survive_the_trip_to_a_replica():
         params = inspect.signature(shipped).parameters
         if "request" in params:
             assert params["request"].annotation is Request, route.path
+
+
+def test_sampling_limits_are_normalised_per_request():
+    from bco_ray.serve.app import SEED_SPACE, APIError, _choice_sampling, _sampling
+
+    greedy = [_sampling({"top_p": 0}, 64)[0], _sampling({"temperature": 1e-45}, 64)[0]]
+    assert all(s.temperature == 0.0 and s.top_p == 1.0 for s in greedy)  # greedy, not a batch-wide crash
+    big = _sampling({"seed": 2**64 - 1, "temperature": 1}, 64)[0]
+    assert 0 <= big.seed < SEED_SPACE and 0 <= _choice_sampling(big, 1).seed < SEED_SPACE
+    assert _sampling({"seed": -5}, 64)[0].seed == SEED_SPACE - 5
+    for bad in ({"seed": 2**70}, {"seed": 1.5}, {"seed": True}, {"top_p": -0.1}, {"temperature": 3}):
+        try:
+            _sampling(bad, 64)
+        except APIError as e:
+            assert e.status == 400 and e.param == next(iter(bad)), bad
+        else:
+            raise AssertionError(f"{bad} was accepted")
+
+
+def test_text_that_is_not_utf8_is_refused_at_the_door():
+    from bco_ray.serve.app import APIError, _check_text
+
+    _check_text({"messages": [{"role": "user", "content": "héllo ✓"}], "comment": None})
+    for body, where in (({"comment": "ok \ud800"}, "comment"),
+                        ({"messages": [{"role": "user", "content": "\udfff"}]}, "messages")):
+        try:
+            _check_text(body)
+        except APIError as e:
+            assert e.status == 400 and e.param == where
+        else:
+            raise AssertionError(f"{body!r} was accepted")
+
+
+def test_no_network_endpoint_without_keys(monkeypatch):
+    import pytest
+
+    from bco_ray.config import load_config
+    from bco_ray.errors import UserError
+    from bco_ray.preflight import check_auth
+
+    monkeypatch.delenv("BCO_RAY_API_KEYS", raising=False)
+    check_auth(load_config(None, []))  # 127.0.0.1, no keys: fine
+    check_auth(load_config(None, ["--serve.host", "::1"]))
+    for host in ("0.0.0.0", "10.1.2.3", "my-host"):
+        with pytest.raises(UserError, match="no API key"):
+            check_auth(load_config(None, ["--serve.host", host]))
+    check_auth(load_config(None, ["--serve.host", "0.0.0.0", "--serve.allow_unauthenticated", "true"]))
+    check_auth(load_config(None, ["--serve.host", "0.0.0.0", "--serve.api_keys", "[k1]"]))
+    with pytest.raises(UserError, match="empty key"):
+        check_auth(load_config(None, ["--serve.api_keys", "['k1', ' ']"]))
+    monkeypatch.setenv("BCO_RAY_API_KEYS", "k2, k3")
+    check_auth(load_config(None, ["--serve.host", "0.0.0.0"]))
+
+
+def test_feedback_files_are_committed_whole_and_unwritable_rows_are_dead_lettered(tmp_path):
+    import json
+
+    import pyarrow.dataset as pads
+
+    from bco_ray.config import StorageConfig
+    from bco_ray.serve.feedback_log import FeedbackWriter
+
+    w = FeedbackWriter(str(tmp_path / "log"), StorageConfig(), flush_rows=1000)
+    for cid, prompt in (("c1", "hello"), ("c2", "bad \ud800 prompt"), ("c3", "bye")):  # c2 got past the door
+        w.record(cid, prompt, [f"answer to {cid}"], "m", "v1")
+        w.feedback(cid, cid != "c2")
+    assert w.flush() == 3 and w.dead_lettered == 1
+    files = [p for p in (tmp_path / "log").rglob("*") if p.is_file()]
+    assert not [p for p in files if p.name.endswith(".tmp")]  # committed by rename: no temp file left
+    table = pads.dataset(str(tmp_path / "log"), format="parquet", partitioning="hive").to_table()
+    assert sorted(table.column("completion_id").to_pylist()) == ["c1", "c3"]  # the good rows, not blocked
+    (dead,) = [p for p in files if "_dead_letter" in p.parts]
+    row = json.loads(dead.read_text())
+    assert row["row"]["completion_id"] == "c2" and "UTF-8" in row["reason"]
+    w.record("c4", "later", ["fine"], "m", "v1")
+    w.feedback("c4", True)
+    assert w.flush() == 1 and w.dead_lettered == 1  # and the next flush is clean

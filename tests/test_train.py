@@ -30,8 +30,14 @@ def scored(scored_tiny):
     return scored_tiny
 
 
+@pytest.fixture(scope="module")
+def full(scored, tmp_path_factory):
+    """2 workers, 4 steps, uninterrupted: what the tests below compare against (run once)."""
+    return run(scored, tmp_path_factory.mktemp("full"), name="full")
+
+
 def run(scored, tmp_path, *extra, name="t", **hooks):
-    from bco_ray.train import train
+    from bco_ray.train.stage import train
 
     cfg = load_config(None, TINY + TRAIN + ["--train.input", scored, "--run.run_dir", str(tmp_path),
                                             "--train.name", name, *extra])
@@ -42,10 +48,10 @@ def weights(model_dir):
     return load_file(os.path.join(model_dir, "model.safetensors"))
 
 
-def test_two_fsdp_workers_equal_one_process_and_export_loads(scored, tmp_path):
+def test_two_fsdp_workers_equal_one_process_and_export_loads(scored, full, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    two = run(scored, tmp_path / "two")
+    two = full
     one = run(scored, tmp_path / "one", "--train.num_workers", "1", "--train.grad_accum", "4")
     assert two["steps"] == one["steps"] == 4
     # Reward accuracy is left out: it thresholds each reward at delta, so a row whose reward
@@ -83,8 +89,7 @@ def test_baselines_train_on_two_workers(scored, tmp_path, loss):
         assert card["data"]["train"]["units"] < card["data"]["train"]["rows"] / 2  # pairs only
 
 
-def test_interrupted_and_resumed_run_ends_like_an_uninterrupted_one(scored, tmp_path):
-    full = run(scored, tmp_path / "full", name="full")
+def test_interrupted_and_resumed_run_ends_like_an_uninterrupted_one(scored, full, tmp_path):
     # First attempt: a worker dies at step 3 and no retry is allowed, so the run fails
     # after its step-2 checkpoint. The rerun with the same name resumes from there.
     marker = str(tmp_path / "killed")
@@ -100,8 +105,7 @@ def test_interrupted_and_resumed_run_ends_like_an_uninterrupted_one(scored, tmp_
     assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-6
 
 
-def test_a_killed_worker_is_replaced_and_the_run_resumes_from_its_checkpoint(scored, tmp_path):
-    full = run(scored, tmp_path / "full", name="full")
+def test_a_killed_worker_is_replaced_and_the_run_resumes_from_its_checkpoint(scored, full, tmp_path):
     marker = str(tmp_path / "killed")
     faulty = run(scored, tmp_path / "faulty", name="faulty", _fail_at_step=3, _fail_marker=marker)
     assert os.path.exists(marker)  # a worker process really died at step 3
@@ -173,7 +177,7 @@ def test_a_failing_generation_check_stops_training_early(scored, tmp_path):
 def test_the_driver_sort_and_ray_datas_sort_give_the_same_global_order(scored, ray_local):
     import pyarrow.fs as pafs
 
-    from bco_ray.train import TRAIN_COLUMNS, global_order
+    from bco_ray.train.stage import TRAIN_COLUMNS, global_order
 
     def order(driver_sort_rows):
         cfg = load_config(None, TINY + ["--train.driver_sort_rows", str(driver_sort_rows)])

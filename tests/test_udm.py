@@ -4,7 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from bco_ray.udm import UDMClassifier, calibration, density_ratio, fit_logistic_regression, roc_auc
+from bco_ray.data.udm import (
+    UDMClassifier,
+    calibration,
+    density_ratio,
+    fit_logistic_regression,
+    roc_auc,
+)
 
 
 def test_logistic_regression_reaches_the_optimum_of_sklearns_objective():
@@ -53,7 +59,7 @@ def test_classifier_json_round_trip_and_calibration():
 
 
 def test_auc_lower_bound_is_hanley_mcneil():
-    from bco_ray.udm import auc_lower_bound
+    from bco_ray.data.udm import auc_lower_bound
 
     # A = 0.8, 50 per label: Q1 = 0.8/1.2, Q2 = 1.28/1.8, var = (0.16 + 49 (Q1 - 0.64) + 49 (Q2 - 0.64)) / 2500
     q1, q2 = 0.8 / 1.2, 1.28 / 1.8

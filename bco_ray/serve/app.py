@@ -13,6 +13,7 @@ every route answered 422. Real annotations travel with the function.
 """
 
 import asyncio
+import hmac
 import json
 import os
 import threading
@@ -24,7 +25,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
 from bco_ray.config import Config, from_dict
-from bco_ray.generate import Sampling
+from bco_ray.serve.generate import Sampling
 
 
 class APIError(Exception):
@@ -52,7 +53,7 @@ async def _api_error(_: Request, e: APIError):
 class FeedbackLog:
     def __init__(self, uri: str, storage: dict, flush_rows: int, flush_seconds: float, max_served: int):
         from bco_ray.config import StorageConfig
-        from bco_ray.feedback_log import FeedbackWriter
+        from bco_ray.serve.feedback_log import FeedbackWriter
 
         self.writer = FeedbackWriter(uri, StorageConfig(**storage), flush_rows, flush_seconds, max_served)
         self.stop = threading.Event()
@@ -70,7 +71,7 @@ class FeedbackLog:
         self.writer.record(completion_id, prompt, completions, model, version)
 
     def feedback(self, completion_id: str, thumbs_up: bool, comment: str | None, index: int) -> dict:
-        from bco_ray.feedback_log import UnknownCompletion
+        from bco_ray.serve.feedback_log import UnknownCompletion
 
         try:
             row = self.writer.feedback(completion_id, thumbs_up, comment, index)
@@ -114,15 +115,51 @@ def _sampling(body: dict, limit: int) -> tuple[Sampling, int]:
     if not isinstance(stop, list | tuple) or len(stop) > 4 or not all(isinstance(s, str) for s in stop):
         raise APIError(400, "'stop' must be a string or a list of up to 4 strings", param="stop")
     seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise APIError(400, "'seed' must be an integer", param="seed")
-    s = Sampling(max_tokens=max_tokens, temperature=num("temperature", 1.0, 0.0, 2.0),
-                 top_p=num("top_p", 1.0, 0.0, 1.0), stop=tuple(stop), seed=seed)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not -2**63 <= seed < 2**64):
+        raise APIError(400, "'seed' must be a 64-bit integer", param="seed")
+    temperature, top_p = num("temperature", 1.0, 0.0, 2.0), num("top_p", 1.0, 0.0, 1.0)
+    if temperature < GREEDY_BELOW or top_p == 0.0:
+        # The API's limits of sampling: greedy. A temperature of 1e-45 divides the logits into
+        # inf, and top_p 0 keeps no token at all; either would fail its whole decoding batch.
+        temperature, top_p = 0.0, 1.0
+    s = Sampling(max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=tuple(stop),
+                 seed=None if seed is None else seed % SEED_SPACE)
     return s, num("n", 1, 1, 8, int)
 
 
+GREEDY_BELOW = 1e-4  # temperatures under this decode greedily
+SEED_SPACE = 2**63   # seeds are taken modulo this: torch's and vLLM's generators take a signed 64-bit int
+
+
 def _choice_sampling(s: Sampling, i: int) -> Sampling:
-    return Sampling(**{**s.__dict__, "seed": None if s.seed is None else s.seed + i})
+    return Sampling(**{**s.__dict__, "seed": None if s.seed is None else (s.seed + i) % SEED_SPACE})
+
+
+def _check_text(value, where: str = "body") -> None:
+    """Strings must be valid UTF-8 text: JSON may carry a lone surrogate ("\\ud800"), which no
+    tokenizer and no parquet writer accepts; refused here, at the door, with a 400."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise APIError(400, f"{where} holds text that is not valid UTF-8 (a lone surrogate)", param=where) from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_text(k, where)
+            _check_text(v, k if where == "body" else where)
+    elif isinstance(value, list):
+        for v in value:
+            _check_text(v, where)
+
+
+def usable_keys(configured) -> list[str]:
+    """The Bearer keys a server accepts: serve.api_keys and $BCO_RAY_API_KEYS (comma-separated).
+    An empty key would let an empty Authorization header in: it is an error, not skipped."""
+    keys = [str(k) for k in configured] + os.environ.get("BCO_RAY_API_KEYS", "").split(",")
+    keys = [k.strip() for k in keys]
+    if any(not k for k in keys[:len(configured)]):
+        raise ValueError("serve.api_keys holds an empty key")
+    return [k for k in keys if k]
 
 
 @serve.deployment
@@ -131,8 +168,8 @@ class OpenAIServer:
     def __init__(self, cfg: dict, model_dir: str, version: str, feedback, engine: str = "hf"):
         self.cfg: Config = from_dict(cfg)
         sc = self.cfg.serve
-        keys = list(sc.api_keys) + [k.strip() for k in os.environ.get("BCO_RAY_API_KEYS", "").split(",") if k.strip()]
-        self.keys, self.name, self.version, self.feedback_log = set(keys), sc.model_name, version, feedback
+        self.keys = [k.encode() for k in usable_keys(sc.api_keys)]
+        self.name, self.version, self.feedback_log = sc.model_name, version, feedback
         import torch
 
         dtype = self.cfg.model.dtype
@@ -140,13 +177,13 @@ class OpenAIServer:
             dtype = "bfloat16" if torch.cuda.is_available() else "float32"
         self.vllm = engine == "vllm"
         if self.vllm:
-            from bco_ray.generate_vllm import VLLMEngine
+            from bco_ray.serve.generate_vllm import VLLMEngine
 
             self.engine = VLLMEngine(model_dir, dtype, sc.max_model_len, sc.vllm_gpu_memory_utilization,
                                      sc.vllm_enforce_eager, sc.vllm_cpu_kvcache_gib,
                                      self.cfg.model.trust_remote_code, self.cfg.run.seed)
         else:
-            from bco_ray.generate import HFEngine
+            from bco_ray.serve.generate import HFEngine
 
             self.engine = HFEngine(model_dir, dtype, trust_remote_code=self.cfg.model.trust_remote_code,
                                    num_threads=max(1, int(sc.cpus_per_replica)))
@@ -164,7 +201,11 @@ class OpenAIServer:
     async def _body(self, request: Request) -> dict:
         if self.keys:
             auth = request.headers.get("authorization", "")
-            if not auth.startswith("Bearer ") or auth[7:].strip() not in self.keys:
+            given = auth[7:].strip().encode() if auth.startswith("Bearer ") else b""
+            ok = False
+            for k in self.keys:  # every key compared, in constant time: no timing tells a key's prefix
+                ok |= hmac.compare_digest(given, k)
+            if not given or not ok:
                 raise APIError(401, "missing or invalid API key (Authorization: Bearer KEY)", "authentication_error",
                                code="invalid_api_key")
         limit = self.cfg.serve.max_request_bytes
@@ -179,6 +220,7 @@ class OpenAIServer:
             raise APIError(400, f"the body is not valid JSON: {e}") from None
         if not isinstance(body, dict):
             raise APIError(400, "the body must be a JSON object")
+        _check_text(body)
         return body
 
     def _check_model(self, body: dict) -> None:
@@ -198,13 +240,29 @@ class OpenAIServer:
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
     async def _generate_batch(self, items: list[tuple[list[int], Sampling]]) -> list[tuple[str, str, int]]:
         prompts, params = [i[0] for i in items], [i[1] for i in items]
-        return await asyncio.to_thread(self.engine.generate, prompts, params)
+        try:
+            return await asyncio.to_thread(self.engine.generate, prompts, params)
+        except Exception:  # noqa: BLE001 - one request's failure must not fail the others batched with it
+            if len(items) == 1:
+                raise
+        out: list = []
+        for ids, s in items:  # each alone: the failing one gets its exception, the others their answers
+            try:
+                out += await asyncio.to_thread(self.engine.generate, [ids], [s])
+            except Exception as e:  # noqa: BLE001 - handed to its own caller by _complete
+                out.append(e)
+        return out
 
     async def _complete(self, ids: list[int], s: Sampling, n: int) -> list[tuple[str, str, int]]:
         if self.vllm:
             return await self.engine.complete(ids, s, n)
         # n choices = n batch items; a fixed seed gives choice i the seed + i.
-        return await asyncio.gather(*[self._generate_batch((ids, _choice_sampling(s, i))) for i in range(n)])
+        outs = await asyncio.gather(*[self._generate_batch((ids, _choice_sampling(s, i))) for i in range(n)])
+        for o in outs:
+            if isinstance(o, BaseException):
+                raise APIError(500, f"the model failed on this request: {type(o).__name__}: {o}", "server_error",
+                               code="engine_error")
+        return outs
 
     async def _events(self, ids: list[int], s: Sampling, n: int):
         """(choice, new text, finish reason, tokens so far), as the engine produces them."""
@@ -216,18 +274,29 @@ class OpenAIServer:
         queue: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
 
+        gone = threading.Event()  # the client went away: stop decoding for nobody
+
         def work():
             try:
                 for step in self.engine.generate_iter([ids] * n, [_choice_sampling(s, i) for i in range(n)]):
                     loop.call_soon_threadsafe(queue.put_nowait, step)
+                    if gone.is_set():
+                        break
+            except Exception as e:  # noqa: BLE001 - raised again in the stream, as an error event
+                loop.call_soon_threadsafe(queue.put_nowait, e)
             finally:
                 loop.call_soon_threadsafe(queue.put_nowait, None)
 
         threading.Thread(target=work, daemon=True).start()
-        while (step := await queue.get()) is not None:
-            for i, (delta, reason, count) in enumerate(step):
-                if delta or reason:
-                    yield i, delta, reason, count
+        try:
+            while (step := await queue.get()) is not None:
+                if isinstance(step, BaseException):
+                    raise step
+                for i, (delta, reason, count) in enumerate(step):
+                    if delta or reason:
+                        yield i, delta, reason, count
+        finally:
+            gone.set()
 
     async def _respond(self, body: dict, ids: list[int], logged_prompt, prefix: str, obj: str, choice):
         """Generate, remember the answer for feedback, and reply: JSON, or SSE chunks when streaming.
@@ -249,11 +318,18 @@ class OpenAIServer:
             texts = [""] * n
             opening = choice(None, "", None, False)
             yield f"data: {json.dumps({**head, 'choices': [opening] if opening else []})}\n\n"
-            async for i, delta, reason, _ in self._events(ids, s, n):
-                if not (delta or reason):
-                    continue  # half a multi-byte character: nothing to send yet
-                texts[i] += delta
-                yield f"data: {json.dumps({**head, 'choices': [choice(i, delta, reason, False)]})}\n\n"
+            try:
+                async for i, delta, reason, _ in self._events(ids, s, n):
+                    if not (delta or reason):
+                        continue  # half a multi-byte character: nothing to send yet
+                    texts[i] += delta
+                    yield f"data: {json.dumps({**head, 'choices': [choice(i, delta, reason, False)]})}\n\n"
+            except Exception as e:  # noqa: BLE001 - the headers are sent: the error goes in the stream
+                # No [DONE] and nothing remembered: a cut answer is neither complete nor feedback-able.
+                err = APIError(500, f"the model failed mid-stream: {type(e).__name__}: {e}", "server_error",
+                               code="engine_error")
+                yield f"data: {json.dumps(error_body(err))}\n\n"
+                return
             await self._remember(cid, logged_prompt, texts)
             yield "data: [DONE]\n\n"
         return StreamingResponse(events(), media_type="text/event-stream")
@@ -273,7 +349,8 @@ class OpenAIServer:
 
     @app.get("/ready")
     async def ready(self):
-        return {"status": "ready", "model": self.name, "version": self.version}
+        # The weights' fingerprint only: the version's storage URI stays in the feedback log.
+        return {"status": "ready", "model": self.name, "version": self.version.rsplit("@", 1)[-1]}
 
     @app.get("/v1/models")
     async def models(self, request: Request):

@@ -1,5 +1,6 @@
 """UDM on Ray Data: sample prompts per label, embed them in an actor pool, fit the
-classifier (bco_ray.udm), then weigh every thumbs-down row in a second actor pool.
+classifier (bco_ray.data.udm), then weigh every thumbs-down row in a second actor pool (or, for a
+log at most twice the sample, from embeddings of every prompt made in the first pass).
 
 Sampling is by a seeded hash of the row id, so a rerun with the same seed picks the same
 prompts on any number of workers.
@@ -15,7 +16,7 @@ import pyarrow as pa
 
 from bco_ray import console, storage
 from bco_ray.config import Config
-from bco_ray.udm import (
+from bco_ray.data.udm import (
     PromptEmbedder,
     UDMClassifier,
     UDMWeigher,

@@ -3,7 +3,7 @@
 One decoding loop serves both cases: a batch of requests (each with its own temperature,
 top_p, max_tokens, stop strings and seed) is left-padded and decoded together with a KV
 cache; `generate_iter` yields every step's text deltas, so streaming is the same loop with
-one request. No Ray here; `bco_ray.serve_app` calls it from Ray Serve replicas.
+one request. No Ray here; `bco_ray.serve.app` calls it from Ray Serve replicas.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ import re
 
 import numpy as np
 
-from bco_ray.udm import PromptEmbedder, fit_logistic_regression, roc_auc
+from bco_ray.data.udm import PromptEmbedder, fit_logistic_regression, roc_auc
 
 
 class FeedbackJudge:

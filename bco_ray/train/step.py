@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from bco_ray.config import ObjectiveConfig
-from bco_ray.logprobs import DEFAULT_CHUNK, completion_logps
-from bco_ray.objectives import (
+from bco_ray.score.logprobs import DEFAULT_CHUNK, completion_logps
+from bco_ray.train.objectives import (
     RewardShift,
     _all_reduce_sum,
     bco_loss,

@@ -2,8 +2,8 @@
 
 The driver counts the data, fixes one global shuffled order (a sort on a seeded hash of
 the row id, or of the pair id so DPO pairs stay adjacent), and starts a `TorchTrainer`
-whose workers run `bco_ray.train_loop.worker_loop`. Every worker streams the same order
-and keeps its own slice of each global batch (`bco_ray.batching`): the order is identical
+whose workers run `bco_ray.train.loop.worker_loop`. Every worker streams the same order
+and keeps its own slice of each global batch (`bco_ray.train.batching`): the order is identical
 for any number of workers and on resume, which is what makes both exact.
 """
 
@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from bco_ray import console, storage
-from bco_ray.config import Config, to_dict
+from bco_ray.config import Config, redacted, to_dict
 from bco_ray.errors import UserError
 
 TRAIN_COLUMNS = ["row_id", "label", "input_ids", "completion_mask", "ref_logps", "weight", "pair_id"]
@@ -107,7 +107,7 @@ def train(cfg: Config, _fail_at_step: int | None = None, _fail_marker: str | Non
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from bco_ray.train_loop import worker_loop
+    from bco_ray.train.loop import worker_loop
 
     t0 = time.time()
     tc = cfg.train
@@ -185,7 +185,7 @@ def train(cfg: Config, _fail_at_step: int | None = None, _fail_marker: str | Non
         "delta": state["reward_shift"], "history": state["history"], "eval_history": state["eval"],
         "scored_manifest": {k: v for k, v in scored_manifest.items() if k != "config"},
         "checkpoint": result.checkpoint.path, "worker_nodes": state.get("worker_nodes"), "mlflow": {"tracking_uri": tracking, "run_id": state.get("mlflow_run_id")},
-        "seconds": round(time.time() - t0, 1), "config": to_dict(cfg),
+        "seconds": round(time.time() - t0, 1), "config": redacted(cfg),
     }
     efs, epath = storage.filesystem(export_uri, cfg.storage)
     stale = storage.join(epath, "eval.json")  # an earlier model's eval verdict: not this model's

@@ -6,9 +6,9 @@
 The candidate and the reference answer the same held-out prompts (the eval split's
 distinct prompts, or a prompt file): one greedy answer each, and `eval.samples` answers at
 temperature 1 with the same seed for both models (paired). Reported, each with a 95 %
-interval (`bco_ray.quality`): looping answers, answers cut at max_tokens, empty answers,
+interval (`bco_ray.eval.quality`): looping answers, answers cut at max_tokens, empty answers,
 length, distinct-n, KL(candidate || reference) on the candidate's own samples, and a judge's
-score (`bco_ray.judge`). A candidate past a gate (eval.max_*) is rejected: eval.json beside
+score (`bco_ray.eval.judge`). A candidate past a gate (eval.max_*) is rejected: eval.json beside
 the export says so (serve refuses it), and the stage fails naming the metric.
 
 The work is one Ray task (one GPU when the cluster has any); `run_eval` under it needs no Ray.
@@ -26,9 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
-from bco_ray import console, quality, storage
+from bco_ray import console, storage
 from bco_ray.config import Config, from_dict, to_dict
 from bco_ray.errors import UserError
+from bco_ray.eval import quality
 
 SIDE_BY_SIDE = 8  # prompts whose answers the report shows in full
 
@@ -121,7 +122,7 @@ def _answers(engine, prompt_ids: list[list[int]], max_tokens: int, greedy: bool,
              batch: int) -> list[dict]:
     """Greedy: one answer per prompt. Sampled: `samples` per prompt at temperature 1, answer j
     of prompt i seeded with a function of (seed, i, j) only, so both models get the same seeds."""
-    from bco_ray.generate import Sampling
+    from bco_ray.serve.generate import Sampling
 
     jobs = [(i, 0) for i in range(len(prompt_ids))] if greedy else \
         [(i, j) for i in range(len(prompt_ids)) for j in range(samples)]
@@ -141,7 +142,7 @@ def _answers(engine, prompt_ids: list[list[int]], max_tokens: int, greedy: bool,
 
 def _score(model, prompt_ids: list[list[int]], answers: list[dict], eos: int, pad: int) -> tuple[np.ndarray, np.ndarray]:
     """Summed log-prob of each sampled answer (its EOS too, when it stopped) under `model`."""
-    from bco_ray.refscore import score_hf
+    from bco_ray.score.refscore import score_hf
 
     ids, masks = [], []
     for a in answers:
@@ -157,18 +158,18 @@ def _judge(cfg: Config, embedder_dir: str | None):
     if ec.judge == "none":
         return None
     if ec.judge == "feedback":
-        from bco_ray.judge import FeedbackJudge
+        from bco_ray.eval.judge import FeedbackJudge
 
         return FeedbackJudge(embedder_dir, judge_rows(cfg, "train", ec.judge_sample_size),
                              judge_rows(cfg, "eval", ec.judge_sample_size // 4), cfg.udm.max_embed_length)
     if ec.judge == "reward-model":
         from bco_ray.assets import local_model_dir
-        from bco_ray.judge import RewardModelJudge
+        from bco_ray.eval.judge import RewardModelJudge
 
         if not ec.judge_model:
             raise UserError("eval.judge 'reward-model' needs eval.judge_model", "set it to a HF sequence-classification directory")
         return RewardModelJudge(local_model_dir(ec.judge_model, cfg), cfg.model.trust_remote_code)
-    from bco_ray.judge import OpenAIJudge
+    from bco_ray.eval.judge import OpenAIJudge
 
     if not (ec.judge_url and ec.judge_model):
         raise UserError("eval.judge 'openai' needs eval.judge_url and eval.judge_model",
@@ -195,8 +196,8 @@ def run_eval(cfg: Config, candidate_dir: str, reference_dir: str, prompts: list[
 
     import torch
 
-    from bco_ray.generate import HFEngine
-    from bco_ray.tokenization import FeedbackTokenizer
+    from bco_ray.data.tokenization import FeedbackTokenizer
+    from bco_ray.serve.generate import HFEngine
 
     ec, seed = cfg.eval, cfg.run.seed
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")

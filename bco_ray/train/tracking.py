@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from bco_ray.config import Config, to_dict
+from bco_ray.config import Config, redacted
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -40,7 +40,7 @@ class Tracker:
         mlflow.set_experiment("bco-ray")
         run = mlflow.start_run(run_id=run_id) if run_id else mlflow.start_run(run_name=cfg.train.name)
         if not run_id:
-            mlflow.log_params(_flatten(to_dict(cfg)))
+            mlflow.log_params(_flatten(redacted(cfg)))
         self.run_id, self.mlflow = run.info.run_id, mlflow
 
     def log(self, metrics: dict, step: int) -> None:

@@ -1,7 +1,7 @@
 """The recipe each Ray Train worker runs: setup, resume, train loop, eval, checkpoint, export.
 
-The step itself is `bco_ray.trainstep.train_step` (no Ray); the data order is
-`bco_ray.batching` (no Ray). This file only wires them to Ray Train: the dataset shards,
+The step itself is `bco_ray.train.step.train_step` (no Ray); the data order is
+`bco_ray.train.batching` (no Ray). This file only wires them to Ray Train: the dataset shards,
 `ray.train.report` with the checkpoints, and the process group Ray set up.
 """
 
@@ -16,11 +16,13 @@ import time
 
 import torch
 
-from bco_ray import checkpoint, quality, storage
-from bco_ray.batching import epoch_batches, rank_micro_batches, units
+from bco_ray import storage
 from bco_ray.config import Config, from_dict
-from bco_ray.objectives import RewardShift
-from bco_ray.trainstep import PolicyLogps, collate, evaluate, train_step
+from bco_ray.eval import quality
+from bco_ray.train import checkpoint
+from bco_ray.train.batching import epoch_batches, rank_micro_batches, units
+from bco_ray.train.objectives import RewardShift
+from bco_ray.train.step import PolicyLogps, collate, evaluate, train_step
 
 H100_BF16_TFLOPS = 989.0
 
@@ -134,7 +136,7 @@ def generation_check(policy, lm, tok, device, prompts: list[list[int]], max_toke
                      world: int) -> list[dict]:
     """The policy's greedy answers to `prompts`, in order, on every rank. Each rank decodes its
     share in lockstep (every forward gathers FSDP shards, so all ranks make the same passes)."""
-    from bco_ray.generate import HFEngine, Sampling
+    from bco_ray.serve.generate import HFEngine, Sampling
 
     share = -(-len(prompts) // world)
     mine = prompts[rank * share:(rank + 1) * share]
@@ -245,7 +247,7 @@ def worker_loop(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from bco_ray.tracking import Tracker
+    from bco_ray.train.tracking import Tracker
 
     global _CONSOLE
     cfg: Config = from_dict(config["cfg"])

@@ -1,6 +1,6 @@
 """Synthetic production feedback logs: reproducible, production schema, some dirt.
 
-    python -m bco_ray.demo_data --out data/demo_feedback --rows 2000 --seed 0
+    python -m bco_ray.data.demo_data --out data/demo_feedback --rows 2000 --seed 0
 
 Layout and schema are those of a product's logs: hive partitions `date=YYYY-MM-DD/`, columns
 request_id, ts, model_version, prompt, completion, feedback (thumbs_up / thumbs_down in

@@ -2,7 +2,7 @@
 
 The train stage's eval (implicit-reward accuracy on held-out feedback) says nothing about
 what the model writes: a model that answers `1. 1. 1. 1.` to every question can score 0.84
-there. These are the measures the eval stage (`bco_ray.eval_stage`) reports for a candidate
+there. These are the measures the eval stage (`bco_ray.eval.stage`) reports for a candidate
 beside its reference, on the same prompts with the same sampling seeds (paired), and the
 gate that rejects a collapsed model. No Ray, no model: token ids and texts in, floats out.
 """

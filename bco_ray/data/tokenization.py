@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 
-from bco_ray.normalise import Reject
+from bco_ray.data.normalise import Reject
 
 
 class FeedbackTokenizer:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bco_ray.logprobs import completion_logps, sequence_logps, sequence_logps_from_hidden
+from bco_ray.score.logprobs import completion_logps, sequence_logps, sequence_logps_from_hidden
 
 __all__ = [
     "as_bool_labels", "bco_loss", "dpo_loss", "kto_kl_estimate", "kto_loss", "RewardShift",

@@ -19,6 +19,7 @@ import uuid
 from collections import OrderedDict
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from bco_ray import storage
@@ -34,6 +35,14 @@ def _schema(chat: bool) -> pa.Schema:
                       ("served_at", pa.timestamp("ms", tz="UTC")), ("feedback_at", pa.timestamp("ms", tz="UTC"))])
 
 
+def _table(rows: list[dict], chat: bool) -> pa.Table | None:
+    """The rows as an Arrow table of the log's schema; None if any of them cannot be."""
+    try:
+        return pa.Table.from_pylist(rows, schema=_schema(chat))
+    except (pa.ArrowException, TypeError, ValueError, UnicodeError):
+        return None
+
+
 class UnknownCompletion(KeyError):
     """Feedback for a completion id this server never served (or has forgotten)."""
 
@@ -46,7 +55,7 @@ class FeedbackWriter:
         self.served: OrderedDict[str, dict] = OrderedDict()
         self.buffer: list[dict] = []
         self.oldest: float | None = None
-        self.written = 0
+        self.written = self.dead_lettered = 0
         self.lock = threading.Lock()
 
     def record(self, completion_id: str, prompt: str | list[dict], completions: list[str], model: str,
@@ -95,20 +104,50 @@ class FeedbackWriter:
         try:
             while pending:
                 (day, chat), part = pending[0]
-                table = pa.Table.from_pylist(part, schema=_schema(chat))
-                path = storage.join(self.root, f"date={day}",
-                                    f"feedback-{stamp}-{uuid.uuid4().hex[:8]}-{'chat' if chat else 'text'}.parquet")
-                self.fs.create_dir(storage.join(self.root, f"date={day}"), recursive=True)
-                with self.fs.open_output_stream(path) as f:
-                    pq.write_table(table, f)
+                name = f"feedback-{stamp}-{uuid.uuid4().hex[:8]}-{'chat' if chat else 'text'}"
+                table = _table(part, chat)
+                if table is None:  # a row that can never be written must not block the others
+                    good = [r for r in part if _table([r], chat) is not None]
+                    self._dead_letter(name, [r for r in part if _table([r], chat) is None])
+                    table = _table(good, chat) if good else None
+                if table is not None:
+                    self._write(storage.join(self.root, f"date={day}"), name + ".parquet", table)
                 pending.pop(0)
         except Exception:
             with self.lock:  # storage failed: keep the unwritten rows for the next flush
                 self.buffer[:0] = [r for _, part in pending for r in part]
                 self.oldest = self.oldest or time.monotonic()
             raise
-        self.written += len(rows)
+        self.written += len(rows)  # dead-lettered rows included: they are on storage too
         return len(rows)
+
+    def _write(self, folder: str, name: str, table: pa.Table) -> None:
+        """Committed whole or not at all: a crash mid-write must not leave a truncated parquet
+        file that every later `prepare` would then fail on."""
+        self.fs.create_dir(folder, recursive=True)
+        if isinstance(self.fs, pafs.S3FileSystem):  # one (multipart) upload: visible only once complete
+            with self.fs.open_output_stream(storage.join(folder, name)) as f:
+                pq.write_table(table, f)
+            return
+        temp = storage.join(folder, f".{name}.{uuid.uuid4().hex[:8]}.tmp")  # hidden: `prepare` never lists it
+        with self.fs.open_output_stream(temp) as f:
+            pq.write_table(table, f)
+        self.fs.move(temp, storage.join(folder, name))  # a rename: atomic on one filesystem
+
+    def _dead_letter(self, name: str, rows: list[dict]) -> None:
+        """Rows that cannot be written as parquet, kept as JSON lines with the reason, beside
+        the log (`_dead_letter/`, which `prepare` skips)."""
+        import json
+
+        reason = "not writable as parquet (text that is not valid UTF-8, or a value of the wrong type)"
+        lines = [json.dumps({"reason": reason, "row": {k: (str(v) if isinstance(v, dt.datetime) else v)
+                                                        for k, v in r.items()}}, ensure_ascii=True)
+                 for r in rows]
+        data = ("\n".join(lines) + "\n").encode("utf-8", "surrogatepass")
+        storage.write_bytes(self.fs, storage.join(self.root, "_dead_letter", name + ".jsonl"), data)
+        self.dead_lettered += len(rows)
+        print(f"[serve] {len(rows)} feedback row(s) could not be written ({reason}): kept in "
+              f"{storage.join(self.root, '_dead_letter', name + '.jsonl')}", flush=True)
 
     def close(self) -> int:
         return self.flush()

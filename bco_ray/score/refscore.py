@@ -11,7 +11,7 @@ Two backends compute the same number, the summed log-prob of a row's completion 
 
 Both are Ray Data callable classes (one model per actor) and both reduce to the pure
 functions `score_hf` / `sum_prompt_logprobs`, which run without Ray.
-The Ray plumbing (reading, quarantine, manifest, skip-if-done) is in `refscore_stage.py`.
+The Ray plumbing (reading, quarantine, manifest, skip-if-done) is in `stage.py`.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def score_hf(model, ids: list[np.ndarray], masks: list[np.ndarray], batch_tokens
     """Summed completion log-probs (float64) of each row under `model`, no gradients."""
     import torch
 
-    from bco_ray.logprobs import completion_logps
+    from bco_ray.score.logprobs import completion_logps
 
     device = next(model.parameters()).device
     out = np.zeros(len(ids), np.float64)

@@ -1,6 +1,6 @@
 """Text generation with vLLM's AsyncLLM: continuous batching for the serving replicas on GPUs.
 
-The same contract as `bco_ray.generate.HFEngine` (token ids in, `(index, delta, finish
+The same contract as `bco_ray.serve.generate.HFEngine` (token ids in, `(index, delta, finish
 reason, tokens so far)` out), so the API layer does not know which engine it drives:
 - tokenization and the chat template are ours (the transformers tokenizer of the exported
   model), and vLLM gets exact token ids, so both engines see the same prompt;
@@ -16,7 +16,7 @@ import os
 import uuid
 from collections.abc import AsyncIterator
 
-from bco_ray.generate import Sampling
+from bco_ray.serve.generate import Sampling
 
 Event = tuple[int, str, "str | None", int]  # (choice index, new text, finish reason once finished, tokens so far)
 
@@ -30,7 +30,7 @@ class VLLMEngine:
         import torch
 
         if not torch.cuda.is_available():
-            from bco_ray.refscore import vllm_cpu_environment
+            from bco_ray.score.refscore import vllm_cpu_environment
 
             for k, v in vllm_cpu_environment(cpu_kvcache_gib).items():
                 os.environ.setdefault(k, v)

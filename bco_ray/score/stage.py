@@ -19,9 +19,9 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from bco_ray import console, storage
-from bco_ray.config import Config, to_dict
+from bco_ray.config import Config, redacted
 from bco_ray.errors import UserError
-from bco_ray.refscore import TOO_LONG, HFScorer, VLLMScorer
+from bco_ray.score.refscore import TOO_LONG, HFScorer, VLLMScorer
 
 
 def _cluster_gpus() -> float:
@@ -90,6 +90,10 @@ def score_reference(cfg: Config) -> dict:
     data_dir = storage.join(in_dir, "data")
     if not storage.exists(in_fs, data_dir):
         raise UserError(f"no prepared data at {src}/data", "run `bco-ray prepare` first (or set score.input)")
+    if not storage.exists(in_fs, storage.join(in_dir, "manifest.json")):
+        # prepare writes its manifest last: without it the data is a crashed run's, or a stranger's
+        raise UserError(f"the prepared data at {src} has no manifest.json: its prepare did not finish",
+                        "run `bco-ray prepare` again (or point score.input at a complete prepared directory)")
 
     ref_name = cfg.model.reference or cfg.model.policy
     ref_path = resolve_model(ref_name, cfg.model.cache_dir)
@@ -143,7 +147,7 @@ def score_reference(cfg: Config) -> dict:
     scored.write_parquet(storage.join(out, "data"), filesystem=out_fs, ray_remote_args=remote)
     seconds = time.time() - t0
 
-    from bco_ray.ingest import count_rows
+    from bco_ray.data.ingest import count_rows
 
     n_scored = count_rows(out_fs, storage.join(out, "data"))
     n_quarantined = count_rows(out_fs, storage.join(out, "quarantine"))
@@ -163,7 +167,7 @@ def score_reference(cfg: Config) -> dict:
         "quarantined": n_quarantined, "quarantine_reasons": {TOO_LONG: n_quarantined} if n_quarantined else {},
         "completion_tokens": tokens, "mean_logp_per_token": logp_sum / max(tokens, 1),
         "seconds": round(seconds, 1), "completion_tokens_per_s": round(tokens / max(seconds, 1e-9), 1),
-        "config": to_dict(cfg),
+        "config": redacted(cfg),
     }
     storage.write_bytes(out_fs, manifest_path, json.dumps(manifest, indent=2).encode())
     return manifest

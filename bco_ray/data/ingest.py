@@ -25,9 +25,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bco_ray import console, storage
-from bco_ray.config import Config, to_dict
-from bco_ray.errors import UserError
-from bco_ray.normalise import (
+from bco_ray.config import Config, redacted
+from bco_ray.data.normalise import (
     NORMALISED_SCHEMA,
     REASONS,
     LabelVocab,
@@ -35,6 +34,7 @@ from bco_ray.normalise import (
     normalise_table,
     resolve_group,
 )
+from bco_ray.errors import UserError
 
 QUARANTINE_COLUMNS = ["row_id", "source", "day", "reason", "raw"]
 STAGES = ("_stage1", "_stage2", "data", "quarantine", "deduplicated", "udm")
@@ -84,7 +84,7 @@ def _feedback_tokenizer(cfg: Config):
         from transformers import AutoTokenizer
 
         from bco_ray.assets import resolve_model
-        from bco_ray.tokenization import FeedbackTokenizer
+        from bco_ray.data.tokenization import FeedbackTokenizer
 
         path = resolve_model(cfg.model.policy, cfg.model.cache_dir)
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
@@ -103,8 +103,8 @@ def _tokenize(table: pa.Table, cfg: Config) -> pa.Table:
     Plain tasks, not an actor pool: actors would hold CPUs through the shuffle before
     this step and starve it on a small cluster.
     """
-    from bco_ray.normalise import Reject
-    from bco_ray.tokenization import split_of
+    from bco_ray.data.normalise import Reject
+    from bco_ray.data.tokenization import split_of
 
     enc = _feedback_tokenizer(cfg)
     rows = table.to_pylist()
@@ -135,7 +135,7 @@ def _input_units(cfg: Config, first_known: bool = False) -> tuple[list[dict], in
 
     Stops with what to change when nothing could be kept: no input, no parquet file, a
     date range that matches no file, or no file with a known schema."""
-    from bco_ray.normalise import detect_format
+    from bco_ray.data.normalise import detect_format
 
     ic = cfg.ingest
     fs, root = storage.filesystem(ic.input, cfg.storage)
@@ -235,7 +235,7 @@ def prepare(cfg: Config) -> dict:
 def _prepare(cfg: Config) -> dict:
     import ray
 
-    from bco_ray.udm_stage import diagnostics, fit_and_weigh
+    from bco_ray.data.udm_stage import diagnostics, fit_and_weigh
 
     t0 = time.time()
     ic = cfg.ingest
@@ -246,6 +246,10 @@ def _prepare(cfg: Config) -> dict:
     def path(*parts: str) -> str:
         return storage.join(out, *parts)
 
+    # The manifest goes first: it marks a complete output, and a prepare that crashes below
+    # must not leave an earlier run's manifest beside half-rewritten data.
+    if storage.exists(fs, path("manifest.json")):
+        fs.delete_file(path("manifest.json"))
     for sub in STAGES:  # writes append: never mix with an earlier run's files
         if storage.exists(fs, path(sub)):
             fs.delete_dir(path(sub))
@@ -339,7 +343,7 @@ def _manifest(cfg, fs, out, rows_read, files, udm_report, seconds) -> dict:
         "deduplicated": dedup, "quarantine_reasons": dict(sorted(reasons.items())),
         "reason_help": {k: REASONS[k] for k in sorted(reasons) if k in REASONS},
         "kept_by_split_label": dict(sorted(per_split_label.items())), "tokens": lengths,
-        "udm": udm_report, "seconds": round(seconds, 1), "config": to_dict(cfg),
+        "udm": udm_report, "seconds": round(seconds, 1), "config": redacted(cfg),
     }
     if stage1 != kept + quarantined + dedup:  # the accounting invariant; a failure is a bug
         raise RuntimeError(f"row accounting broken: examples {stage1} != kept {kept} + quarantined "

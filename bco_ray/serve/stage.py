@@ -39,8 +39,8 @@ def build_app(cfg: Config):
     import ray
 
     from bco_ray.assets import model_fingerprint
-    from bco_ray.refscore_stage import choose_backend
-    from bco_ray.serve_app import FeedbackLog, OpenAIServer
+    from bco_ray.score.stage import choose_backend
+    from bco_ray.serve.app import FeedbackLog, OpenAIServer
 
     sc = cfg.serve
     model_uri = sc.model or cfg.train.export or storage.join(cfg.run.run_dir, "model")
@@ -76,8 +76,9 @@ def start(cfg: Config) -> str:
     from ray import serve
 
     from bco_ray import console
-    from bco_ray.preflight import check_port
+    from bco_ray.preflight import check_auth, check_port
 
+    check_auth(cfg)  # preflight checked it for the CLI; callers of start() get it too
     # Serve's proxy would fail after the model loaded; a proxy of an earlier serve.shutdown
     # in this cluster may still be letting go of the port.
     check_port(cfg.serve.host, cfg.serve.port, wait_s=15.0)
