@@ -112,6 +112,26 @@ def write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
         f.write(data)
 
 
+def write_parquet_atomic(fs: pafs.FileSystem, folder: str, name: str, table) -> None:
+    """`table` as `folder/name`, committed whole or not at all: a crash mid-write must not
+    leave a truncated parquet file that every later reader then fails on. Locally a hidden
+    temp file renamed into place (readers skip dot-files); on S3 one upload, which becomes
+    visible only once complete."""
+    import uuid
+
+    import pyarrow.parquet as pq
+
+    fs.create_dir(folder, recursive=True)
+    if isinstance(fs, pafs.S3FileSystem):
+        with fs.open_output_stream(join(folder, name)) as f:
+            pq.write_table(table, f)
+        return
+    temp = join(folder, f".{name}.{uuid.uuid4().hex[:8]}.tmp")
+    with fs.open_output_stream(temp) as f:
+        pq.write_table(table, f)
+    fs.move(temp, join(folder, name))  # a rename: atomic on one filesystem
+
+
 def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
     with fs.open_input_stream(path) as f:
         return f.read()

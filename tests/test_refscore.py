@@ -10,6 +10,7 @@ import torch
 
 from bco_ray.config import load_config
 from bco_ray.score.refscore import (
+    NON_FINITE,
     TOO_LONG,
     length_buckets,
     mismatched_pairs,
@@ -72,32 +73,64 @@ def test_score_hf_equals_the_definition_whatever_the_bucketing(tiny_llama):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_score_ref_stage_quarantines_too_long_rows_skips_reruns_and_matches_the_policy(prepared_tiny, tmp_path,
-                                                                                       tiny_llama):
+def nan_reference(model, tok, token: int, out) -> str:
+    """`model` saved with one input embedding row NaN (head untied and left clean): rows that
+    hold `token` before their last position score NaN, every other row as under `model`."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(model.config)
+    config.tie_word_embeddings = False
+    broken = AutoModelForCausalLM.from_config(config)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
+    state["model.embed_tokens.weight"][token] = float("nan")
+    broken.load_state_dict(state)
+    broken.save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+def test_score_ref_stage_quarantines_too_long_and_nonfinite_rows_skips_reruns_and_matches_the_policy(
+        prepared_tiny, tmp_path, tiny_llama):
+    from collections import Counter
+
+    from bco_ray.errors import UserError
     from bco_ray.score.stage import score_reference
     from bco_ray.train.step import PolicyLogps, collate
 
+    model, tok = tiny_llama
     out = str(tmp_path / "scored")
-    args = TINY + ["--run.run_dir", str(prepared_tiny), "--score.output", out, "--score.batch_rows", "16"]
     prepared = pads.dataset(str(prepared_tiny / "prepared" / "data")).to_table().to_pylist()
     lengths = sorted(len(r["input_ids"]) for r in prepared)
     limit = lengths[len(lengths) // 2] + 1  # about half the rows are too long
-    cfg = load_config(None, args + ["--score.max_model_len", str(limit)])
+    # A reference that gives NaN on rows holding one token (in about 10 % of the rows).
+    holds = Counter(t for r in prepared for t in set(r["input_ids"][:-1]))
+    token = min((t for t in holds if t != tok.pad_token_id), key=lambda t: abs(holds[t] - len(prepared) // 10))
+    ref = nan_reference(model, tok, token, tmp_path / "nan-ref")
+    args = TINY + ["--run.run_dir", str(prepared_tiny), "--score.output", out, "--score.batch_rows", "16",
+                   "--model.reference", ref, "--score.max_model_len", str(limit)]
+    cfg = load_config(None, args + ["--score.max_nonfinite_fraction", "0.5"])
     m = score_reference(cfg)
     assert m["backend"] == "hf" and not m.get("skipped")
     assert m["rows_in"] == len(prepared) == m["scored"] + m["quarantined"]
-    assert m["quarantined"] == sum(1 for n in lengths if n > limit - 1) > 0
+    too_long = sum(1 for n in lengths if n > limit - 1)
+    assert m["quarantine_reasons"][TOO_LONG] == too_long > 0 and m["quarantine_reasons"][NON_FINITE] > 0
+    assert m["quarantined"] == sum(m["quarantine_reasons"].values())
     scored = pads.dataset(out + "/data").to_table().to_pylist()
     quarantine = pads.dataset(out + "/quarantine").to_table().to_pylist()
-    assert {r["reason"] for r in quarantine} == {TOO_LONG}
     assert {r["row_id"] for r in scored} | {r["row_id"] for r in quarantine} == {r["row_id"] for r in prepared}
-    assert all(json.loads(r["raw"])["tokens"] >= limit for r in quarantine)
+    assert all(json.loads(r["raw"])["tokens"] >= limit for r in quarantine if r["reason"] == TOO_LONG)
+    by_id = {r["row_id"]: r for r in prepared}
+    nonfinite = [r for r in quarantine if r["reason"] == NON_FINITE]
+    assert all(token in by_id[r["row_id"]]["input_ids"] and json.loads(r["raw"])["ref_logps"] == "nan"
+               for r in nonfinite)
     assert all(r["ref_tokens"] == r["completion_tokens"] for r in scored)
     assert all(r["ref_logps"] < 0 for r in scored)
 
     # The policy at step 0 (the same weights, the training path: collate + PolicyLogps) sees
     # the reference's numbers: every reward starts at zero.
-    model, tok = tiny_llama
     batch = collate(scored[:24], tok.pad_token_id)
     with torch.no_grad():
         policy = PolicyLogps(model, chunk_size=64)(batch["input_ids"], batch["attention_mask"],
@@ -108,8 +141,37 @@ def test_score_ref_stage_quarantines_too_long_rows_skips_reruns_and_matches_the_
     mtime = (tmp_path / "scored" / "manifest.json").stat().st_mtime_ns
     assert score_reference(cfg)["skipped"] is True
     assert (tmp_path / "scored" / "manifest.json").stat().st_mtime_ns == mtime
-    again = score_reference(load_config(None, args + ["--score.max_model_len", str(limit), "--score.force", "true"]))
-    assert not again.get("skipped") and again["scored"] == m["scored"]
+    # Forced, it scores again; under the default share of non-finite rows (1 %) this reference
+    # is broken and the stage says so.
+    with pytest.raises(UserError, match=rf"non-finite log-probs for {len(nonfinite)} of {len(prepared)} rows"):
+        score_reference(load_config(None, args + ["--score.force", "true"]))
+
+
+def test_nonfinite_rows_leave_the_batch_for_one_quarantine_file_even_when_retried(tmp_path):
+    import pyarrow as pa
+    import pyarrow.fs as pafs
+
+    from bco_ray.score.refscore import QuarantineSink, _with_scores
+
+    ids, masks = random_rows(5)
+    table = pa.table({"row_id": [f"r{i}" for i in range(5)], "source": ["s"] * 5, "day": ["2026-12-03"] * 5,
+                      "prompt": ["p"] * 5, "completion": ["c"] * 5, "label": [True, False] * 2 + [True],
+                      "input_ids": pa.array([x.tolist() for x in ids], pa.list_(pa.int32())),
+                      "completion_mask": pa.array([m.tolist() for m in masks], pa.list_(pa.int8()))})
+
+    def score(i, m):  # rows 1 and 3: a non-finite reference log-prob
+        return np.array([-1.0, np.nan, -3.0, -np.inf, -5.0])[:len(i)]
+
+    with pytest.raises(FloatingPointError, match="row_id r1"):
+        _with_scores(table, score, False, 128)
+    sink = QuarantineSink(pafs.LocalFileSystem(), str(tmp_path / "q"))
+    for _ in range(2):  # Ray Data retries a failed batch: the same file again, not a second one
+        kept = _with_scores(table, score, False, 128, sink)
+    assert kept.column("row_id").to_pylist() == ["r0", "r2", "r4"] and kept.column("ref_logps").to_pylist() == [-1.0, -3.0, -5.0]
+    (only,) = list((tmp_path / "q").iterdir())
+    q = pads.dataset(str(only)).to_table().to_pylist()
+    assert [(r["row_id"], r["reason"], json.loads(r["raw"])["ref_logps"]) for r in q] == \
+        [("r1", NON_FINITE, "nan"), ("r3", NON_FINITE, "-inf")]
 
 
 @pytest.mark.ray

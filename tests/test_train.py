@@ -103,6 +103,12 @@ def test_interrupted_and_resumed_run_ends_like_an_uninterrupted_one(scored, full
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
     wa, wb = weights(full["model"]), weights(resumed["model"])
     assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-6
+    # The same name with another lr is another run: refused (before any sorting or training),
+    # not silently resumed.
+    from bco_ray.errors import UserError
+
+    with pytest.raises(UserError, match=r"step 4\) of a different run.*train\.lr 0\.001 -> 0\.0005.*--train\.resume force"):
+        run(scored, tmp_path / "cut", "--train.lr", "5e-4", name="cut")
 
 
 def test_a_killed_worker_is_replaced_and_the_run_resumes_from_its_checkpoint(scored, full, tmp_path):

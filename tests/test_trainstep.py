@@ -1,6 +1,7 @@
 """The training step: exact under gradient accumulation and under data parallelism."""
 
 import json
+import math
 import os
 import tempfile
 
@@ -12,6 +13,7 @@ from distributed import gloo_group
 from bco_ray.assets import load_causal_lm
 from bco_ray.config import ObjectiveConfig
 from bco_ray.train.objectives import RewardShift, bco_loss
+from bco_ray.train.loop import count_skips
 from bco_ray.train.step import PolicyLogps, collate, train_step
 
 LABELS = [False, False, False, True, False, True, True, False]
@@ -188,3 +190,85 @@ def test_kto_with_an_empty_rank_does_not_hang():
     single = train_step(policy, torch.optim.SGD(policy.parameters(), lr=0.1), [batch], RewardShift(),
                         ObjectiveConfig(loss="kto"))
     assert res[1]["loss"] == pytest.approx(single["loss"], rel=1e-5)
+
+
+# ---------------------------------------------------------------------------- non-finite steps
+
+def _adam_run(batches_per_step, hook_step=None):
+    """AdamW + a constant-lr scheduler over the given steps; at `hook_step` one gradient is inf."""
+    policy = fresh_policy()
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    shift, ms = RewardShift(), []
+    first = next(policy.parameters())
+    for i, mbs in enumerate(batches_per_step):
+        handle = first.register_hook(lambda g: g * float("inf")) if i == hook_step else None
+        ms.append(train_step(policy, opt, mbs, shift, ObjectiveConfig(), max_grad_norm=1.0, scheduler=sched))
+        if handle:
+            handle.remove()
+    return policy, opt, sched, shift, ms
+
+
+def _nan_ref(mb, row=0):
+    mb = dict(mb)
+    mb["ref_logps"] = mb["ref_logps"].clone()
+    mb["ref_logps"][row] = float("nan")
+    return mb
+
+
+def test_a_nonfinite_step_changes_nothing_but_the_schedule():
+    ex = examples()
+    good = [collate(ex[:4], 0), collate(ex[4:], 0)]
+    bad_loss = [good[0], _nan_ref(good[1])]  # one row's reference log-prob is NaN: loss and reward NaN
+    clean, opt_c, _, shift_c, m_c = _adam_run([good, good])
+    for bad, hook in ((bad_loss, None), (good, 1)):  # a NaN loss; a finite loss with an inf gradient
+        policy, opt, sched, shift, ms = _adam_run([good, bad, good], hook_step=hook)
+        assert [m["skipped"] for m in ms] == [False, True, False]
+        assert not math.isfinite(ms[1]["grad_norm"])
+        # The skipped step left weights, Adam's moments and step count, and delta as they were:
+        # good, bad, good trains exactly as good, good.
+        assert torch.equal(params(policy), params(clean))
+        assert shift.state_dict() == shift_c.state_dict() and ms[2]["delta"] == m_c[1]["delta"]
+        assert opt.state_dict()["state"][0]["step"] == opt_c.state_dict()["state"][0]["step"] == 2
+        assert sched.last_epoch == 3  # the schedule moved on: the lr stays tied to the step count
+        assert all(math.isfinite(m["loss"]) for m in ms)  # the metrics hold the finite micro-batches only
+
+
+def test_count_skips_aborts_after_the_limit_in_a_row():
+    state: dict = {}
+    assert count_skips(state, {"skipped": False, "step": 1}, 2) is None
+    line = count_skips(state, {"skipped": True, "step": 2, "grad_norm": float("nan")}, 2)
+    assert "step 2" in line and "1 in a row" in line
+    assert count_skips(state, {"skipped": False, "step": 3}, 2) is None and state["nonfinite_in_row"] == 0
+    count_skips(state, {"skipped": True, "step": 4, "grad_norm": float("inf")}, 2)
+    with pytest.raises(FloatingPointError, match=r"2 steps in a row .*steps 4-5.*after step 3"):
+        count_skips(state, {"skipped": True, "step": 5, "grad_norm": float("nan")}, 2)
+    assert state["nonfinite_steps"] == 3
+
+
+def _nan_worker(rank, world, init_file, out_dir):
+    with gloo_group(rank, world, init_file):
+        torch.set_num_threads(1)
+        policy = torch.nn.parallel.DistributedDataParallel(fresh_policy())
+        opt = torch.optim.SGD(policy.parameters(), lr=1.0)
+        shift = RewardShift()
+        a, b = RANK_ROWS[rank]
+        mb = collate(examples()[a:b], 0)
+        ms = [train_step(policy, opt, [_nan_ref(mb) if rank == 1 else mb], shift, ObjectiveConfig(), max_grad_norm=None),
+              train_step(policy, opt, [mb], shift, ObjectiveConfig(), max_grad_norm=None)]
+        torch.save({"params": params(policy.module)}, os.path.join(out_dir, f"p{rank}.pt"))
+        with open(os.path.join(out_dir, f"n{rank}.json"), "w") as f:
+            json.dump({"skipped": [m["skipped"] for m in ms], "shift": shift.state_dict()}, f)
+
+
+@pytest.mark.dist
+def test_a_nan_on_one_rank_skips_the_step_on_every_rank():
+    single, shift, _ = run_step([(0, 8)], steps=1)  # what the second (good) step alone must give
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(_nan_worker, args=(2, os.path.join(d, "init"), d), nprocs=2, join=True)
+        res = [json.load(open(os.path.join(d, f"n{r}.json"))) for r in range(2)]
+        p = [torch.load(os.path.join(d, f"p{r}.pt"), weights_only=True)["params"] for r in range(2)]
+    assert res[0]["skipped"] == res[1]["skipped"] == [True, False]
+    assert torch.equal(p[0], p[1]) and torch.allclose(p[0], params(single), atol=1e-5, rtol=0)
+    assert res[0]["shift"]["means"] == res[1]["shift"]["means"]
+    assert res[0]["shift"]["means"]["desirable"] == pytest.approx(shift.means["desirable"], rel=1e-6)

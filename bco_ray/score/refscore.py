@@ -22,6 +22,37 @@ import numpy as np
 import pyarrow as pa
 
 TOO_LONG = "too_long_for_reference"
+NON_FINITE = "non_finite_reference_logp"
+
+
+def quarantine_rows(table: pa.Table, reason: str, extra: dict[str, list] | None = None) -> pa.Table:
+    """Rows of the prepared data as quarantine rows: id, source, day, reason, the raw row (JSON)."""
+    import json
+
+    extra = extra or {}
+    cols = {"prompt": table.column("prompt").to_pylist(), "completion": table.column("completion").to_pylist(),
+            "label": [bool(x) for x in table.column("label").to_pylist()],
+            "tokens": [len(x) for x in table.column("input_ids").to_pylist()], **extra}
+    raw = [json.dumps(dict(zip(cols, vals, strict=True)), ensure_ascii=False) for vals in zip(*cols.values(), strict=True)]
+    return pa.table({"row_id": table.column("row_id"), "source": table.column("source"), "day": table.column("day"),
+                     "reason": pa.array([reason] * table.num_rows, pa.string()), "raw": pa.array(raw, pa.string())})
+
+
+class QuarantineSink:
+    """Where a scorer puts the rows it cannot score (non-finite log-probs): one parquet file per
+    batch, named by its row ids, so a retried batch rewrites the same file instead of counting
+    its rows twice."""
+
+    def __init__(self, fs, folder: str):
+        self.fs, self.folder = fs, folder
+
+    def __call__(self, rows: pa.Table) -> None:
+        import hashlib
+
+        from bco_ray import storage
+
+        key = hashlib.sha256("\n".join(map(str, rows.column("row_id").to_pylist())).encode()).hexdigest()[:16]
+        storage.write_parquet_atomic(self.fs, self.folder, f"non_finite-{key}.parquet", rows)
 
 
 # ---------------------------------------------------------------------------- token lists
@@ -90,8 +121,10 @@ def score_hf(model, ids: list[np.ndarray], masks: list[np.ndarray], batch_tokens
     return out
 
 
-def _with_scores(table: pa.Table, score, kl: bool, max_length: int) -> pa.Table:
-    """`table` plus ref_logps / ref_tokens (and the KL columns), scored by `score(ids, masks)`."""
+def _with_scores(table: pa.Table, score, kl: bool, max_length: int, quarantine=None) -> pa.Table:
+    """`table` plus ref_logps / ref_tokens (and the KL columns), scored by `score(ids, masks)`.
+    Rows with a non-finite log-prob (their own or their KL row's) go to `quarantine(rows)`
+    and are left out; without a quarantine they are an error."""
     ids, masks = _lists(table.column("input_ids")), _lists(table.column("completion_mask"))
     batch_ids, batch_masks = list(ids), list(masks)
     if kl:
@@ -99,25 +132,30 @@ def _with_scores(table: pa.Table, score, kl: bool, max_length: int) -> pa.Table:
         batch_ids += kl_ids
         batch_masks += kl_masks
     logps = score(batch_ids, batch_masks)
-    if not np.isfinite(logps).all():
-        bad = table.column("row_id")[int(np.flatnonzero(~np.isfinite(logps))[0]) % len(ids)]
-        raise FloatingPointError(f"the reference model gave a non-finite log-prob (row_id {bad}): "
-                                 "check its weights and dtype")
     n = len(ids)
+    ok = np.isfinite(logps[:n]) & (np.isfinite(logps[n:]) if kl else True)
+    if not ok.all():
+        bad = pa.array(~ok)
+        if quarantine is None:
+            raise FloatingPointError(f"the reference model gave a non-finite log-prob (row_id "
+                                     f"{table.column('row_id')[int(np.flatnonzero(~ok)[0])]}): check its weights and dtype")
+        quarantine(quarantine_rows(table.filter(bad), NON_FINITE,
+                                   {"ref_logps": [str(x) for x in logps[:n][~ok]]}))
     table = table.append_column("ref_logps", pa.array(logps[:n], pa.float64()))
     table = table.append_column("ref_tokens", pa.array([int(m[1:].sum()) for m in masks], pa.int32()))
     if kl:
         table = table.append_column("kl_input_ids", pa.array(kl_ids, pa.list_(pa.int32())))
         table = table.append_column("kl_completion_mask", pa.array(kl_masks, pa.list_(pa.int8())))
         table = table.append_column("kl_ref_logps", pa.array(logps[n:], pa.float64()))
-    return table
+    return table if ok.all() else table.filter(pa.array(ok))
 
 
 class HFScorer:
     """Ray Data actor: a transformers reference model (safetensors only)."""
 
     def __init__(self, model: str, dtype: str, cache_dir: str | None, batch_tokens: int, chunk_size: int,
-                 kl: bool, max_length: int, trust_remote_code: bool = False, num_threads: int = 1):
+                 kl: bool, max_length: int, trust_remote_code: bool = False, num_threads: int = 1,
+                 quarantine: QuarantineSink | None = None):
         import torch
 
         from bco_ray.assets import load_causal_lm
@@ -127,10 +165,11 @@ class HFScorer:
         self.model.eval().to("cuda" if torch.cuda.is_available() else "cpu")
         self.pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.batch_tokens, self.chunk_size, self.kl, self.max_length = batch_tokens, chunk_size, kl, max_length
+        self.quarantine = quarantine
 
     def __call__(self, table: pa.Table) -> pa.Table:
         return _with_scores(table, lambda i, m: score_hf(self.model, i, m, self.batch_tokens, self.pad,
-                                                         self.chunk_size), self.kl, self.max_length)
+                                                         self.chunk_size), self.kl, self.max_length, self.quarantine)
 
 
 # ---------------------------------------------------------------------------- vllm
@@ -158,7 +197,8 @@ class VLLMScorer:
 
     def __init__(self, model: str, dtype: str, cache_dir: str | None, max_model_len: int, kl: bool,
                  max_length: int, gpu_memory_utilization: float = 0.85, enforce_eager: bool = False,
-                 cpu_kvcache_gib: int = 1, trust_remote_code: bool = False, seed: int = 0):
+                 cpu_kvcache_gib: int = 1, trust_remote_code: bool = False, seed: int = 0,
+                 quarantine: QuarantineSink | None = None):
         import torch
 
         from bco_ray.assets import resolve_model
@@ -175,7 +215,7 @@ class VLLMScorer:
                        # a cached prefix has no prompt log-probs to return
                        enable_prefix_caching=False)
         self.params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
-        self.kl, self.max_length = kl, max_length
+        self.kl, self.max_length, self.quarantine = kl, max_length, quarantine
 
     def score(self, ids: list[np.ndarray], masks: list[np.ndarray]) -> np.ndarray:
         from vllm.inputs import TokensPrompt
@@ -186,4 +226,4 @@ class VLLMScorer:
                         np.float64)
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        return _with_scores(table, self.score, self.kl, self.max_length)
+        return _with_scores(table, self.score, self.kl, self.max_length, self.quarantine)

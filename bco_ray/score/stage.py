@@ -1,7 +1,8 @@
 """`bco-ray score-ref`: the prepared dataset in, the same rows plus `ref_logps` out.
 
     <output>/data/         prepared rows + ref_logps, ref_tokens (+ kl_* for KTO)
-    <output>/quarantine/   rows longer than the reference accepts (reason too_long_for_reference)
+    <output>/quarantine/   rows longer than the reference accepts (too_long_for_reference), rows
+                           it gives a non-finite log-prob (non_finite_reference_logp)
     <output>/manifest.json counts (input = scored + quarantined), backend, model, key, timing
 
 Scoring is expensive, so a rerun whose key (input files, reference weights, dtype, length
@@ -21,7 +22,7 @@ import pyarrow.dataset as pads
 from bco_ray import console, storage
 from bco_ray.config import Config, redacted
 from bco_ray.errors import UserError
-from bco_ray.score.refscore import TOO_LONG, HFScorer, VLLMScorer
+from bco_ray.score.refscore import NON_FINITE, TOO_LONG, HFScorer, QuarantineSink, VLLMScorer, quarantine_rows
 
 
 def _cluster_gpus() -> float:
@@ -52,13 +53,7 @@ def _keep(table: pa.Table, limit: int) -> pa.Table:
 
 
 def _quarantine(table: pa.Table, limit: int) -> pa.Table:
-    long = table.filter(_too_long(table, limit))
-    raw = [json.dumps({"prompt": p, "completion": c, "label": bool(lab), "tokens": n}, ensure_ascii=False)
-           for p, c, lab, n in zip(long.column("prompt").to_pylist(), long.column("completion").to_pylist(),
-                                   long.column("label").to_pylist(),
-                                   pc.list_value_length(long.column("input_ids")).to_pylist(), strict=True)]
-    return pa.table({"row_id": long.column("row_id"), "source": long.column("source"), "day": long.column("day"),
-                     "reason": pa.array([TOO_LONG] * long.num_rows, pa.string()), "raw": pa.array(raw, pa.string())})
+    return quarantine_rows(table.filter(_too_long(table, limit)), TOO_LONG)
 
 
 def _read_in_blocks(data_dir: str, fs, cpus: float, actors: int, batch_rows: int):
@@ -127,19 +122,23 @@ def score_reference(cfg: Config) -> dict:
     q = ds.map_batches(_quarantine, fn_kwargs={"limit": max_tokens}, batch_format="pyarrow", **remote)
     q.write_parquet(storage.join(out, "quarantine"), filesystem=out_fs, ray_remote_args=remote)
 
+    # Rows the reference cannot score (a non-finite log-prob) are quarantined by the scorers
+    # themselves: the scored stream is written once, never split into two consumers.
+    sink = QuarantineSink(out_fs, storage.join(out, "quarantine"))
     gpu_per_actor = sc.num_gpus_per_actor if sc.num_gpus_per_actor is not None else (1.0 if gpus > 0 else 0.0)
     max_length = min(cfg.ingest.max_length, max_tokens)
     if backend == "hf":
         cls, args = HFScorer, dict(model=ref_name, dtype=dtype, cache_dir=cfg.model.cache_dir,
                                    batch_tokens=sc.batch_tokens, chunk_size=cfg.objective.logp_chunk_size,
                                    kl=kl, max_length=max_length, trust_remote_code=cfg.model.trust_remote_code,
-                                   num_threads=max(1, int(sc.num_cpus_per_actor)))
+                                   num_threads=max(1, int(sc.num_cpus_per_actor)), quarantine=sink)
     else:
         cls, args = VLLMScorer, dict(model=ref_name, dtype=dtype, cache_dir=cfg.model.cache_dir,
                                      max_model_len=limit, kl=kl, max_length=max_length,
                                      gpu_memory_utilization=sc.vllm_gpu_memory_utilization,
                                      enforce_eager=sc.vllm_enforce_eager, cpu_kvcache_gib=sc.vllm_cpu_kvcache_gib,
-                                     trust_remote_code=cfg.model.trust_remote_code, seed=cfg.run.seed)
+                                     trust_remote_code=cfg.model.trust_remote_code, seed=cfg.run.seed,
+                                     quarantine=sink)
     scored = ds.map_batches(_keep, fn_kwargs={"limit": max_tokens}, batch_format="pyarrow", **remote)
     scored = scored.map_batches(cls, fn_constructor_kwargs=args, batch_format="pyarrow", batch_size=sc.batch_rows,
                                 compute=ray.data.ActorPoolStrategy(size=sc.actors),
@@ -153,6 +152,18 @@ def score_reference(cfg: Config) -> dict:
     n_quarantined = count_rows(out_fs, storage.join(out, "quarantine"))
     if n_scored + n_quarantined != rows_in:
         raise RuntimeError(f"row accounting broken: input {rows_in} != scored {n_scored} + quarantined {n_quarantined}")
+    reasons: dict[str, int] = {}
+    if n_quarantined:  # a few rows: read their reasons directly
+        column = pads.dataset(storage.join(out, "quarantine"), filesystem=out_fs, format="parquet") \
+            .to_table(columns=["reason"]).column("reason")
+        reasons = {r["values"]: r["counts"] for r in pc.value_counts(column).to_pylist()}
+    if (bad := reasons.get(NON_FINITE, 0)) > sc.max_nonfinite_fraction * rows_in:
+        raise UserError(f"the reference model gave non-finite log-probs for {bad} of {rows_in} rows (quarantined "
+                        f"in {storage.join(out, 'quarantine')})",
+                        "check its weights and dtype (float16 overflows where bfloat16 does not), or raise "
+                        "score.max_nonfinite_fraction")
+    if bad:
+        console.say(f"[score-ref] {bad} row(s) with a non-finite reference log-prob quarantined ({NON_FINITE})")
     tokens, logp_sum = 0, 0.0
     if n_scored:  # one aggregation pass
         from ray.data.aggregate import Sum
@@ -164,7 +175,7 @@ def score_reference(cfg: Config) -> dict:
         "input": src, "output": sc.output or storage.join(cfg.run.run_dir, "scored"), "key": key,
         "key_fields": key_fields, "backend": backend, "reference": ref_name, "dtype": dtype,
         "max_model_len": limit, "kl_pairs": kl, "rows_in": rows_in, "scored": n_scored,
-        "quarantined": n_quarantined, "quarantine_reasons": {TOO_LONG: n_quarantined} if n_quarantined else {},
+        "quarantined": n_quarantined, "quarantine_reasons": reasons,
         "completion_tokens": tokens, "mean_logp_per_token": logp_sum / max(tokens, 1),
         "seconds": round(seconds, 1), "completion_tokens_per_s": round(tokens / max(seconds, 1e-9), 1),
         "config": redacted(cfg),

@@ -19,8 +19,6 @@ import uuid
 from collections import OrderedDict
 
 import pyarrow as pa
-import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
 from bco_ray import storage
 from bco_ray.config import StorageConfig
@@ -111,7 +109,9 @@ class FeedbackWriter:
                     self._dead_letter(name, [r for r in part if _table([r], chat) is None])
                     table = _table(good, chat) if good else None
                 if table is not None:
-                    self._write(storage.join(self.root, f"date={day}"), name + ".parquet", table)
+                    # committed whole: a truncated file would abort every later `prepare`
+                    storage.write_parquet_atomic(self.fs, storage.join(self.root, f"date={day}"), name + ".parquet",
+                                                 table)
                 pending.pop(0)
         except Exception:
             with self.lock:  # storage failed: keep the unwritten rows for the next flush
@@ -120,19 +120,6 @@ class FeedbackWriter:
             raise
         self.written += len(rows)  # dead-lettered rows included: they are on storage too
         return len(rows)
-
-    def _write(self, folder: str, name: str, table: pa.Table) -> None:
-        """Committed whole or not at all: a crash mid-write must not leave a truncated parquet
-        file that every later `prepare` would then fail on."""
-        self.fs.create_dir(folder, recursive=True)
-        if isinstance(self.fs, pafs.S3FileSystem):  # one (multipart) upload: visible only once complete
-            with self.fs.open_output_stream(storage.join(folder, name)) as f:
-                pq.write_table(table, f)
-            return
-        temp = storage.join(folder, f".{name}.{uuid.uuid4().hex[:8]}.tmp")  # hidden: `prepare` never lists it
-        with self.fs.open_output_stream(temp) as f:
-            pq.write_table(table, f)
-        self.fs.move(temp, storage.join(folder, name))  # a rename: atomic on one filesystem
 
     def _dead_letter(self, name: str, rows: list[dict]) -> None:
         """Rows that cannot be written as parquet, kept as JSON lines with the reason, beside

@@ -104,6 +104,19 @@ def load(directory: str, policy, optimizer, scheduler, shift, rank: int, world: 
     return doc
 
 
+def _checkpoint_dirs(fs, run_path: str) -> list[tuple[str, set[str]]]:
+    """(directory, file names) of every checkpoint under a Ray Train run's storage path, newest first."""
+    import pyarrow.fs as pafs
+
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(run_path))
+    except (FileNotFoundError, OSError):
+        return []
+    return [(d, {i.base_name for i in fs.get_file_info(pafs.FileSelector(d))})
+            for d in sorted((i.path for i in infos if i.type == pafs.FileType.Directory
+                             and i.base_name.startswith("checkpoint_")), reverse=True)]
+
+
 def latest_complete(fs, run_path: str, world: int) -> str | None:
     """The newest checkpoint directory under a Ray Train run's storage path that holds every
     worker's file and state.json, registered or not.
@@ -111,15 +124,17 @@ def latest_complete(fs, run_path: str, world: int) -> str | None:
     Ray Train registers a reported checkpoint when its controller processes the report; a
     worker that dies right after reporting can take the registration with it, though the
     files are complete in storage. Resuming from those files loses nothing."""
-    import pyarrow.fs as pafs
-
-    try:
-        infos = fs.get_file_info(pafs.FileSelector(run_path))
-    except (FileNotFoundError, OSError):
-        return None
-    for d in sorted((i.path for i in infos if i.type == pafs.FileType.Directory
-                     and i.base_name.startswith("checkpoint_")), reverse=True):
-        names = {i.base_name for i in fs.get_file_info(pafs.FileSelector(d))}
+    for d, names in _checkpoint_dirs(fs, run_path):
         if "state.json" in names and all(f"rank{r}.safetensors" in names for r in range(world)):
             return d
+    return None
+
+
+def latest_state(fs, run_path: str) -> dict | None:
+    """state.json of the newest checkpoint under a run's storage path (any world size)."""
+    from bco_ray import storage
+
+    for d, names in _checkpoint_dirs(fs, run_path):
+        if "state.json" in names:
+            return json.loads(storage.read_bytes(fs, storage.join(d, "state.json")))
     return None

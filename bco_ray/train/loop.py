@@ -232,6 +232,24 @@ def _improved(state: dict, ev: dict) -> bool:
     return False
 
 
+def count_skips(state: dict, metrics: dict, limit: int) -> str | None:
+    """Books a step that `train_step` skipped for a non-finite loss or gradient (the same
+    verdict on every rank) and says so; raises once `limit` steps in a row were skipped."""
+    if not metrics["skipped"]:
+        state["nonfinite_in_row"] = 0
+        return None
+    state["nonfinite_steps"] = state.get("nonfinite_steps", 0) + 1
+    state["nonfinite_in_row"] = in_row = state.get("nonfinite_in_row", 0) + 1
+    step = metrics["step"]
+    if in_row >= limit:
+        raise FloatingPointError(
+            f"{in_row} steps in a row had a non-finite loss or gradient (steps {step - in_row + 1}-{step}); the "
+            f"weights are those after step {step - in_row}: lower train.lr, check the reference log-probs and "
+            "the data, or raise train.max_nonfinite_steps")
+    return (f"[train] step {step}: non-finite loss or gradient norm ({metrics['grad_norm']}): update skipped "
+            f"({in_row} in a row, {state['nonfinite_steps']} in the run; the limit is {limit})")
+
+
 def _progress(step: int, total: int, m: dict) -> str:
     mfu = f" | MFU {m['mfu']:.1%}" if m.get("mfu") is not None else ""
     return (f"[train] step {step}/{total} | loss {m['loss']:.4f} | r+ {m['rewards/chosen']:+.4f} "
@@ -288,6 +306,7 @@ def worker_loop(config: dict) -> None:
                 say(f"[train] {orphan}: complete but unregistered (a worker died right after reporting it)")
         if rank == 0:
             say(f"[train] resumed from step {state['step']} (delta {shift.value:+.4f})")
+    state["fingerprint"] = config["fingerprint"]  # this run's settings from here on (train.resume force)
     nodes: list = [ray.get_runtime_context().get_node_id()] * world  # where the workers run (run card)
     if torch.distributed.is_initialized():
         torch.distributed.all_gather_object(nodes, nodes[0])
@@ -370,6 +389,8 @@ def worker_loop(config: dict) -> None:
                            logratio=metrics["logratio"],
                            mfu=(flops_tok * metrics["tokens"] / dt / (peak * 1e12 * world)) if peak else None)
             state["history"].append(metrics)
+            if (line := count_skips(state, metrics, tc.max_nonfinite_steps)) and rank == 0:
+                say(line)
             if config.get("fail_at_step") == step and rank == world - 1 and not os.path.exists(config["fail_marker"]):
                 open(config["fail_marker"], "w").close()
                 os.kill(os.getpid(), signal.SIGKILL)  # a worker dies mid-run (the fault-tolerance test)

@@ -164,10 +164,10 @@ class RewardShift:
     means; decay in (0, 1) keeps exponential moving averages for drifting data.
 
     Protocol: `update(rewards, labels)` after each micro-batch's forward; `step()` once per
-    optimizer step, on every rank (it all-reduces sums and counts, so a rank with no row of
-    a label is fine and the value is the same for any number of ranks). `value` changes only
-    in `step()`, so every micro-batch of an accumulation window sees the same delta. Never
-    update in evaluation.
+    optimizer step (`discard()` instead on a skipped one), on every rank (it all-reduces sums
+    and counts, so a rank with no row of a label is fine and the value is the same for any
+    number of ranks). `value` changes only in `step()`, so every micro-batch of an
+    accumulation window sees the same delta. Never update in evaluation.
     """
 
     LABELS = ("desirable", "undesirable", "pooled")
@@ -193,6 +193,10 @@ class RewardShift:
         if not bool(torch.isfinite(r).all()):
             raise ValueError("non-finite reward passed to RewardShift.update")
         self._pending += torch.stack([r[up].sum(), up.sum().double(), r[~up].sum(), (~up).sum().double()])
+
+    def discard(self) -> None:
+        """Drop this step's pending rewards (a skipped step); local, no collective."""
+        self._pending.zero_()
 
     def _merge(self, key: str, batch_sum: float, batch_n: float) -> None:
         if batch_n <= 0:

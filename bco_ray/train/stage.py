@@ -96,6 +96,41 @@ def plan(cfg: Config, counts: dict) -> dict:
     return {"global_batch_units": g, "steps_per_epoch": spe, "total_steps": total}
 
 
+# The train knobs that shape the trajectory; logging, eval, storage and speed knobs are not here.
+TRAJECTORY = ("num_workers", "strategy", "micro_batch_size", "grad_accum", "epochs", "max_steps", "lr",
+              "weight_decay", "adam_betas", "warmup_ratio", "schedule", "max_grad_norm", "mixed_precision",
+              "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "shuffle_buffer", "interleave_labels")
+
+
+def run_fingerprint(cfg: Config, scored_manifest: dict) -> dict:
+    """What a checkpoint must share with this run to be resumed by it: the scored data (its
+    key: prepared files and reference), the policy, the seed, the objective and TRAJECTORY."""
+    fp = {"data": scored_manifest.get("key"), "model.policy": cfg.model.policy, "run.seed": cfg.run.seed,
+          **{f"objective.{k}": v for k, v in to_dict(cfg.objective).items()},
+          **{f"train.{k}": getattr(cfg.train, k) for k in TRAJECTORY}}
+    return json.loads(json.dumps(fp))  # as state.json will hold it (tuples as lists)
+
+
+def check_resume(fs, run_path: str, fingerprint: dict, cfg: Config) -> None:
+    """Refuse to continue a checkpoint of another run (other data or settings) under this
+    run's name: rerunning with a changed config would otherwise silently resume the old one."""
+    from bco_ray.train import checkpoint
+
+    state = checkpoint.latest_state(fs, run_path)
+    if state is None or cfg.train.resume == "force" or state.get("fingerprint") == fingerprint:
+        return
+    old = state.get("fingerprint")
+    if old is None:
+        what = "written before checkpoints recorded their run's settings"
+    else:
+        what = ", ".join(f"{k} {old.get(k)!r} -> {fingerprint.get(k)!r}"
+                         for k in sorted(old.keys() | fingerprint.keys()) if old.get(k) != fingerprint.get(k))
+    raise UserError(f"train.name {cfg.train.name!r} already holds a checkpoint (step {state.get('step')}) of a "
+                    f"different run in {run_path}: {what}",
+                    "use a new --train.name, delete that directory, or --train.resume force to continue it "
+                    "with these settings")
+
+
 def train(cfg: Config, _fail_at_step: int | None = None, _fail_marker: str | None = None) -> dict:
     """Train on a Ray cluster (already initialised); returns the run card.
 
@@ -131,16 +166,19 @@ def train(cfg: Config, _fail_at_step: int | None = None, _fail_marker: str | Non
                 f"{counts['train']['down']} down rows), {counts['eval']['units']} eval units; global batch "
                 f"{p['global_batch_units']}, {p['steps_per_epoch']} steps/epoch, {p['total_steps']} steps")
 
+    store_uri = tc.storage or storage.join(cfg.run.run_dir, "train")
+    if not storage.is_s3(store_uri):
+        store_uri = os.path.abspath(store_uri)
+    store_fs, store_path = storage.filesystem(store_uri, cfg.storage)
+    fingerprint = run_fingerprint(cfg, scored_manifest)
+    check_resume(store_fs, storage.join(store_path, tc.name), fingerprint, cfg)
+
     console.status("sorting the splits into the global order")
     datasets = {split: global_order(data_dir, fs, split, columns, counts[split]["rows"], cfg)
                 for split in ("train", "eval")}
 
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0 if tc.use_gpu is None else tc.use_gpu
     resources = {"CPU": tc.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
-    store_uri = tc.storage or storage.join(cfg.run.run_dir, "train")
-    if not storage.is_s3(store_uri):
-        store_uri = os.path.abspath(store_uri)
-    store_fs, store_path = storage.filesystem(store_uri, cfg.storage)
     export_uri = tc.export or storage.join(cfg.run.run_dir, "model")
     if not storage.is_s3(export_uri):  # workers run in their own working directories
         export_uri = os.path.abspath(export_uri)
@@ -152,7 +190,7 @@ def train(cfg: Config, _fail_at_step: int | None = None, _fail_marker: str | Non
     sink = console.train_sink()
     trainer = TorchTrainer(
         worker_loop,
-        train_loop_config={"cfg": to_dict(cfg), **p, "console": sink.queue if sink else None, "eval_units": counts["eval"]["units"], "export": export_uri,
+        train_loop_config={"cfg": to_dict(cfg), **p, "console": sink.queue if sink else None, "eval_units": counts["eval"]["units"], "export": export_uri, "fingerprint": fingerprint,
                            "tracking_uri": tracking, "storage_uri": store_uri, "fail_at_step": _fail_at_step, "fail_marker": _fail_marker},
         scaling_config=ray.train.ScalingConfig(num_workers=tc.num_workers, use_gpu=use_gpu,
                                                resources_per_worker=resources, placement_strategy=tc.placement),
@@ -178,7 +216,7 @@ def train(cfg: Config, _fail_at_step: int | None = None, _fail_marker: str | Non
             state = json.load(f)
     card = {
         "model": export_uri, "exported_step": state.get("exported_step"), "exported_eval": state.get("exported_eval"),
-        "stopped_early": state.get("stopped_early"),
+        "stopped_early": state.get("stopped_early"), "nonfinite_steps": state.get("nonfinite_steps", 0),
         "base_model": cfg.model.policy, "reference": cfg.model.reference or cfg.model.policy,
         "objective": to_dict(cfg.objective), "steps": state["step"], "plan": p, "data": counts,
         "final_metrics": state["history"][-1] if state["history"] else {}, "final_eval": state["eval"][-1],

@@ -19,6 +19,7 @@ the micro-batch sizes and however rows are split across ranks.
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 from torch import nn
@@ -161,6 +162,11 @@ def train_step(policy: nn.Module, optimizer: torch.optim.Optimizer, micro_batche
 
     Every rank must call this with the same number of micro-batches (any sizes, zero rows
     included). Returns metrics averaged over the global batch (identical on every rank).
+
+    A non-finite loss, reward or gradient norm on any rank skips the update on every rank
+    (`skipped` is True): the gradients are dropped, the optimizer and the reward shift keep
+    their state, and only the scheduler moves on, so the learning rate stays tied to the
+    step count. The caller decides how many skips in a row end the run.
     """
     world = _world(group)
     delta = 0.0 if obj.delta_mode == "zero" else shift.value  # fixed for the whole window
@@ -168,8 +174,8 @@ def train_step(policy: nn.Module, optimizer: torch.optim.Optimizer, micro_batche
     global_rows = float(_all_reduce_sum(torch.tensor([float(local_rows)], dtype=torch.float64), group)[0])
     scale = world / max(global_rows, 1.0)
     device = next(policy.parameters()).device
-    # [loss, n_up, sum r_up, n_down, sum r_down, correct, tokens]
-    acc = torch.zeros(7, dtype=torch.float64)
+    # [loss, n_up, sum r_up, n_down, sum r_down, correct, tokens, non-finite micro-batches]
+    acc = torch.zeros(8, dtype=torch.float64)
     for i, mb in enumerate(micro_batches):
         mb = {k: v.to(device, non_blocking=True) for k, v in mb.items()}
         with _grad_sync(policy, i == len(micro_batches) - 1):
@@ -184,28 +190,37 @@ def train_step(policy: nn.Module, optimizer: torch.optim.Optimizer, micro_batche
             (loss_sum * (0.0 if empty else scale)).backward()
         if empty:
             continue
+        r = rewards.detach().double().cpu()
+        if not (bool(torch.isfinite(loss_sum.detach())) and bool(torch.isfinite(r).all())):
+            acc[7] += 1  # kept out of the metrics and the reward shift; the update is skipped below
+            continue
         if obj.loss != "dpo":
             shift.update(rewards, label)
-        r = rewards.double().cpu()
         up = label.cpu()
         correct = ((r - delta > 0) == up).sum() if obj.loss != "dpo" else (r[up] > r[~up]).sum()
         acc += torch.stack([loss_sum.detach().double().cpu(), up.sum().double(), r[up].sum(),
                             (~up).sum().double(), r[~up].sum(), correct.double(),
-                            mb["attention_mask"].sum().double().cpu()])
-    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_grad_norm or float("inf"))
-    optimizer.step()
+                            mb["attention_mask"].sum().double().cpu(), torch.zeros((), dtype=torch.float64)])
+    # The global norm (FSDP2 and DDP reduce it across ranks), so every rank sees the same value.
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), max_grad_norm or float("inf")))
+    acc[7] += 0.0 if math.isfinite(grad_norm) else 1.0
+    loss, n_up, s_up, n_dn, s_dn, correct, tokens, nonfinite = _all_reduce_sum(acc, group).tolist()
+    skipped = nonfinite > 0  # the same sum on every rank: all skip or none does
+    if skipped:
+        shift.discard()
+    else:
+        optimizer.step()
+        if obj.loss != "dpo":
+            shift.step()  # one all-reduce; every micro-batch above saw the same delta
     optimizer.zero_grad(set_to_none=True)
     if scheduler is not None:
         scheduler.step()
-    if obj.loss != "dpo":
-        shift.step()  # one all-reduce; every micro-batch above saw the same delta
-    loss, n_up, s_up, n_dn, s_dn, correct, tokens = _all_reduce_sum(acc, group).tolist()
     chosen, rejected = s_up / max(n_up, 1), s_dn / max(n_dn, 1)
     return {
         "loss": loss / max(global_rows, 1.0),
         "rewards/chosen": chosen, "rewards/rejected": rejected, "rewards/margin": chosen - rejected,
         "delta": delta, "reward_accuracy": correct / max(global_rows, 1.0),
-        "grad_norm": float(grad_norm), "rows": global_rows, "tokens": tokens,
+        "grad_norm": grad_norm, "rows": global_rows, "tokens": tokens, "skipped": skipped,
         "lr": optimizer.param_groups[0]["lr"],
         # mean log(pi / pi_ref) over the batch's completions: how far the policy moved on
         # the feedback data (a KL proxy; the true KL needs samples from the policy)
