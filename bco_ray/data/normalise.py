@@ -32,6 +32,7 @@ REASONS = {
     "bad_messages": "chat messages are malformed (roles, contents, no final assistant turn, no user turn)",
     "oversize": "prompt + completion exceed ingest.max_chars characters",
     "prompt_too_long": "the templated prompt exceeds ingest.max_prompt_length tokens",
+    "control_token_in_content": "a message spells a control token and the chat template rewrites content",
     "conflicting_labels": "the same (prompt, completion) has both labels (ingest.conflicts)",
 }
 

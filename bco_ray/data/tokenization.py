@@ -10,8 +10,48 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 
 from bco_ray.data.normalise import Reject
+
+# Private-use marks around each message's content while the template renders: what lies
+# between them is the caller's text, everything else the template's markup.
+_OPEN, _CLOSE = "\ue000", "\ue001"
+
+
+def control_texts(tok) -> list[str]:
+    """The strings the tokenizer turns into control tokens (`<|im_start|>`, EOS, ...)."""
+    return sorted({t.content for t in tok.added_tokens_decoder.values() if t.special} | set(tok.all_special_tokens),
+                  key=len, reverse=True)
+
+
+def chat_prompt_ids(tok, messages: list[dict]) -> list[int]:
+    """The chat template applied to `messages`, with the generation prompt, as token ids.
+
+    A message's content is text: one that spells a control token (`<|im_start|>system ...`)
+    gets the tokens of those characters, never the control token, so a caller cannot open a
+    turn of another role. Content without such text (nearly all) takes the template's own
+    tokenization unchanged. Raises ValueError for a template that rewrites content (trims
+    it, say) when content spells a control token: it cannot then be told apart safely."""
+    plain = list(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+    controls = control_texts(tok)
+    if not any(c in m["content"] for m in messages for c in controls):
+        return plain
+    if any(_OPEN in m["content"] or _CLOSE in m["content"] for m in messages):
+        raise ValueError("message content holds both control-token text and U+E000/U+E001")
+    marked = [{**m, "content": _OPEN + m["content"] + _CLOSE} for m in messages]
+    text = tok.apply_chat_template(marked, add_generation_prompt=True, tokenize=False)
+    same = text.replace(_OPEN, "").replace(_CLOSE, "") == tok.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=False)
+    parts = re.split(f"([{_OPEN}{_CLOSE}])", text)
+    if not same or parts[1::2] != [_OPEN, _CLOSE] * len(messages):
+        raise ValueError("this chat template rewrites message content, so content that spells a control token "
+                         "cannot be encoded as text")
+    ids: list[int] = []
+    for i, part in enumerate(parts[::2]):  # markup, content, markup, content, ..., markup
+        if part:
+            ids += tok(part, add_special_tokens=False, split_special_tokens=i % 2 == 1)["input_ids"]
+    return ids
 
 
 class FeedbackTokenizer:
@@ -29,15 +69,19 @@ class FeedbackTokenizer:
             if not getattr(self.tok, "chat_template", None):
                 raise ValueError("chat-message prompts need a tokenizer with a chat template")
             messages = json.loads(prompt_messages) if prompt_messages else [{"role": "user", "content": prompt}]
-            return list(self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                     return_dict=False))
+            try:
+                return chat_prompt_ids(self.tok, messages)
+            except ValueError:
+                raise Reject("control_token_in_content") from None
         return self.tok(prompt, add_special_tokens=True)["input_ids"]
 
     def encode(self, prompt: str, prompt_messages: str | None, completion: str) -> dict:
         p = self.prompt_ids(prompt, prompt_messages)
         if len(p) > self.max_prompt_length:
             raise Reject("prompt_too_long")
-        c = self.tok(completion, add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id]
+        # The completion is text: an EOS spelled inside it is not the end (the appended one is).
+        c = self.tok(completion, add_special_tokens=False, split_special_tokens=True)["input_ids"] + \
+            [self.tok.eos_token_id]
         budget = self.max_length - len(p)
         truncated = len(c) > budget
         c = c[:budget]

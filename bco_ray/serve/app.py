@@ -211,9 +211,14 @@ class OpenAIServer:
         limit = self.cfg.serve.max_request_bytes
         if int(request.headers.get("content-length") or 0) > limit:
             raise APIError(413, f"request body over {limit} bytes", code="request_too_large")
-        raw = await request.body()
-        if len(raw) > limit:
-            raise APIError(413, f"request body over {limit} bytes", code="request_too_large")
+        # Counted while it arrives: a chunked body has no Content-Length to refuse it by.
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise APIError(413, f"request body over {limit} bytes", code="request_too_large")
+            chunks.append(chunk)
+        raw = b"".join(chunks)
         try:
             body = json.loads(raw or b"{}")
         except ValueError as e:
@@ -370,7 +375,9 @@ class OpenAIServer:
 
         def choice(i, text, reason, final):
             return None if i is None else {"index": i, "text": text, "logprobs": None, "finish_reason": reason}
-        return await self._respond(body, self.engine.encode_text(prompt), prompt, "cmpl", "text_completion", choice)
+        # A prompt can be a megabyte: tokenized off the event loop, which serves the other requests.
+        ids = await asyncio.to_thread(self.engine.encode_text, prompt)
+        return await self._respond(body, ids, prompt, "cmpl", "text_completion", choice)
 
     @app.post("/v1/chat/completions")
     async def chat(self, request: Request):
@@ -390,8 +397,11 @@ class OpenAIServer:
             if i is None:
                 return {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
             return {"index": i, "delta": {"content": text} if text else {}, "finish_reason": reason}
-        return await self._respond(body, self.engine.encode_chat(messages), messages, "chatcmpl", "chat.completion",
-                                   choice)
+        try:
+            ids = await asyncio.to_thread(self.engine.encode_chat, messages)
+        except ValueError as e:  # content spelling a control token under a template that rewrites content
+            raise APIError(400, str(e), param="messages") from None
+        return await self._respond(body, ids, messages, "chatcmpl", "chat.completion", choice)
 
     @app.post("/v1/feedback")
     async def feedback(self, request: Request):

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from bco_ray.data.tokenization import chat_prompt_ids
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -66,8 +68,7 @@ class HFEngine:
         self.max_context = int(getattr(config, "max_position_embeddings", 2048) or 2048)
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
-        return list(self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                 return_dict=False))
+        return chat_prompt_ids(self.tok, messages)  # content as text, as prepare encodes it
 
     def encode_text(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=True)["input_ids"]

@@ -16,6 +16,7 @@ import os
 import uuid
 from collections.abc import AsyncIterator
 
+from bco_ray.data.tokenization import chat_prompt_ids
 from bco_ray.serve.generate import Sampling
 
 Event = tuple[int, str, "str | None", int]  # (choice index, new text, finish reason once finished, tokens so far)
@@ -46,8 +47,7 @@ class VLLMEngine:
         self.max_context = int(self.llm.model_config.max_model_len)
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
-        return list(self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                 return_dict=False))
+        return chat_prompt_ids(self.tok, messages)  # content as text, as prepare encodes it
 
     def encode_text(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=True)["input_ids"]
