@@ -33,13 +33,18 @@ def check_cluster_spec(spec):
     for g in gpu:
         limits = g["template"]["spec"]["containers"][0]["resources"]["limits"]
         assert limits["nvidia.com/gpu"] == "1"
+    for c in cs:  # token auth is on: every node needs the token, or it cannot join the cluster
+        assert {"name": "RAY_AUTH_TOKEN", "valueFrom": {"secretKeyRef": {"name": "ray-auth-token", "key": "token"}}} \
+            in c.get("env", []), c["name"]
     head_ports = {p["containerPort"] for p in groups[0]["template"]["spec"]["containers"][0].get("ports", [])}
     return head_ports
 
 
 def test_dockerfile_builds_on_the_pinned_ray():
     text = (ROOT / "cluster" / "Dockerfile").read_text()
-    assert f"FROM rayproject/ray:{RAY_PIN}-py311-gpu" in text
+    assert f"FROM rayproject/ray:{RAY_PIN}-py311-gpu@${{RAY_IMAGE_DIGEST}}" in text  # by digest, never a bare tag
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert {".git", ".venv", "runs/", "mlruns/"} <= set(ignored)
 
 
 def test_raycluster():
@@ -80,6 +85,8 @@ def test_aws_launcher_has_a_gpu_node_type_and_the_image():
         "spec"]["containers"][0]["image"]
     gpu = [t for t in doc["available_node_types"].values() if t["resources"].get("GPU")]
     assert gpu and doc["head_node_type"] in doc["available_node_types"]
+    (head,) = [c for c in doc["head_start_ray_commands"] if c.startswith("ray start --head")]
+    assert "--dashboard-host=127.0.0.1" in head and "0.0.0.0" not in head  # `ray dashboard` tunnels over SSH
 
 
 def test_local_head_script_binds_loopback():
