@@ -19,6 +19,23 @@ BASE = ["--model.policy", "tiny-llama", "--ingest.label_column", "feedback", "--
         "--ingest.max_prompt_length", "200"]
 
 
+def write_corrupt_pages(path, rows=5) -> int:
+    """A parquet file of 2 row groups of `rows` rows whose first group's pages are overwritten:
+    its footer reads, that group does not. Returns `rows`."""
+    import pyarrow.parquet as pq
+
+    t = pa.table({"prompt": [f"Question {i}?" for i in range(2 * rows)],
+                  "completion": [f"Answer {i}." for i in range(2 * rows)], "feedback": ["up", "down"] * rows})
+    pq.write_table(t, path, row_group_size=rows, compression="none")
+    meta = pq.ParquetFile(path).metadata
+    first = min(c.dictionary_page_offset or c.data_page_offset
+                for c in (meta.row_group(1).column(j) for j in range(meta.num_columns)))
+    data = bytearray(path.read_bytes())
+    data[4:first] = b"\xff" * (first - 4)
+    path.write_bytes(bytes(data))
+    return rows
+
+
 def read(path, fs=None):
     return pads.dataset(path, filesystem=fs, format="parquet").to_table().to_pylist()
 
@@ -32,11 +49,16 @@ def check_accounting(m):
 def test_demo_log_every_reason_and_exact_accounting(ray_local, tmp_path):
     log = str(tmp_path / "log")
     written = write_log(log, 2000, seed=3, shift=0.8, dirty=0.05, variants=True)
+    # What a crashed writer leaves: an empty file, and one whose first row group is garbage.
+    (tmp_path / "log" / "crashed-empty.parquet").write_bytes(b"")
+    broken_rows = write_corrupt_pages(tmp_path / "log" / "crashed-pages.parquet")
     cfg = load_config(None, BASE + ["--ingest.input", log, "--ingest.eval_fraction", "0.15",
                                     "--run.run_dir", str(tmp_path / "run")])
     m = prepare(cfg)
     out = tmp_path / "run" / "prepared"
-    assert m["rows_read"] == written["rows"]
+    assert m["rows_read"] == written["rows"] + 2 * broken_rows
+    assert m["quarantined_files"]["count"] == 1 and m["quarantined_files"]["files"][0]["reason"] == "unreadable_file"
+    assert m["quarantine_reasons"]["unreadable_row_group"] == broken_rows
     check_accounting(m)
     assert json.loads((out / "manifest.json").read_text())["kept"] == m["kept"]
     for reason in ("missing_prompt", "empty_completion", "missing_label", "unknown_label", "empty_prompt",

@@ -33,10 +33,14 @@ from bco_ray.data.normalise import (
     file_id,
     normalise_table,
     resolve_group,
+    unreadable_rows,
 )
-from bco_ray.errors import UserError
+from bco_ray.errors import UserError, first_line
 
 QUARANTINE_COLUMNS = ["row_id", "source", "day", "reason", "raw"]
+UNREADABLE_FILE = "unreadable_file"
+UNREADABLE_ROW_GROUP = "unreadable_row_group"
+MAX_LISTED_FILES = 1000  # unreadable files named in the manifest (all are counted)
 STAGES = ("_stage1", "_stage2", "data", "quarantine", "deduplicated", "udm")
 
 
@@ -47,10 +51,18 @@ def _read_normalise(batch: dict, cfg: Config) -> pa.Table:
     vocab = LabelVocab(ic.true_labels, ic.false_labels)
     tables = []
     for path, group, day in zip(batch["path"], batch["row_group"], batch["day"], strict=True):
+        day = None if day == "" else str(day)
         with fs.open_input_file(path) as f:
-            table = pq.ParquetFile(f).read_row_group(int(group))
-        tables.append(normalise_table(table, str(path), file_id(str(path)), int(group), ic, vocab,
-                                      None if day == "" else str(day)))
+            pf = pq.ParquetFile(f)
+            try:
+                table = pf.read_row_group(int(group))
+            except (pa.ArrowInvalid, OSError) as e:  # corrupt pages: its rows quarantined, the run goes on
+                if isinstance(e, OSError) and storage.explain(e, str(path)) is not None:
+                    raise  # storage failed, not the file: Ray retries the task
+                tables.append(unreadable_rows(pf.metadata.row_group(int(group)).num_rows, str(path),
+                                              file_id(str(path)), int(group), day, first_line(e)))
+                continue
+        tables.append(normalise_table(table, str(path), file_id(str(path)), int(group), ic, vocab, day))
     return pa.concat_tables(tables)
 
 
@@ -130,9 +142,13 @@ def check_input(cfg: Config) -> None:
     _input_units(cfg, first_known=True)
 
 
-def _input_units(cfg: Config, first_known: bool = False) -> tuple[list[dict], int, list[str]]:
-    """Row groups to read (after the date filter), raw rows in them, and the files.
+def _input_units(cfg: Config, first_known: bool = False) -> tuple[list[dict], int, list[str], list[dict]]:
+    """Row groups to read (after the date filter), raw rows in them, the files, and the files
+    set aside as unreadable (path, reason, error).
 
+    A file whose footer cannot be parsed (empty, truncated, not parquet) is set aside, not
+    fatal: a writer that crashed mid-file must not stop every later `prepare`. Its rows are
+    unknowable, so it is counted as a file (manifest `quarantined_files`), not in the rows.
     Stops with what to change when nothing could be kept: no input, no parquet file, a
     date range that matches no file, or no file with a known schema."""
     from bco_ray.data.normalise import detect_format
@@ -147,7 +163,7 @@ def _input_units(cfg: Config, first_known: bool = False) -> tuple[list[dict], in
     if not listed:
         raise UserError(f"ingest.input {ic.input!r} holds no .parquet files (names starting with _ or . are "
                         "skipped)", "point --ingest.input at the directory of your feedback logs")
-    units, rows, files, days, known = [], 0, [], [], False
+    units, rows, files, days, known, bad = [], 0, [], [], False, []
     unknown: tuple[str, list[str]] | None = None  # the first file of an unknown schema, its columns
     n_unknown = 0
     for path in listed:
@@ -160,19 +176,26 @@ def _input_units(cfg: Config, first_known: bool = False) -> tuple[list[dict], in
             with fs.open_input_file(path) as f:
                 pf = pq.ParquetFile(f)
                 meta, columns = pf.metadata, pf.schema_arrow.names
-        except OSError as e:
+        except (pa.ArrowInvalid, EOFError) as e:  # the bytes are no parquet file: set aside
+            bad.append({"path": path, "reason": UNREADABLE_FILE, "error": first_line(e)})
+            continue
+        except OSError as e:  # storage refused or failed: not the file's fault, say so and stop
             raise (storage.explain(e, path) or ValueError(f"cannot read parquet file {path}: {e}")) from e
-        except Exception as e:  # noqa: BLE001 - any unreadable footer is the same user error
-            raise ValueError(f"cannot read parquet file {path}: {e}") from e
         if detect_format(columns, ic) is not None:
             known = True
             if first_known:
-                return [], 0, [path]
+                return [], 0, [path], bad
         else:
             unknown, n_unknown = unknown or (path, columns), n_unknown + 1
         files.append(path)
         rows += meta.num_rows
         units += [{"path": path, "row_group": g, "day": day or ""} for g in range(meta.num_row_groups)]
+    if bad and not files:
+        raise UserError(f"none of the {len(bad)} parquet files under {ic.input} can be read: {bad[0]['path']}: "
+                        f"{bad[0]['error']}", "check that the log's writer finished its files")
+    if bad and not first_known:
+        console.say(f"[prepare] warning: {len(bad)} unreadable file(s) set aside ({UNREADABLE_FILE}, listed in the "
+                    f"manifest's quarantined_files): {bad[0]['path']}: {bad[0]['error']}")
     if not files:
         span = f"days {min(days)} to {max(days)}" if days else f"no {ic.partition_key}=YYYY-MM-DD partitions"
         raise UserError(f"the date filter (ingest.date_from {ic.date_from}, ingest.date_to {ic.date_to}) matches "
@@ -192,7 +215,7 @@ def _input_units(cfg: Config, first_known: bool = False) -> tuple[list[dict], in
             console.say(f"[prepare] warning: {n_unknown} of {len(files)} files have an unknown schema and all their rows "
                         f"will be quarantined (unknown_schema): {path} has columns {columns}, expected {expected}; "
                         f"to read them, {fix}")
-    return units, rows, files
+    return units, rows, files, bad
 
 
 def count_rows(fs, path: str) -> int:
@@ -253,7 +276,7 @@ def _prepare(cfg: Config) -> dict:
     for sub in STAGES:  # writes append: never mix with an earlier run's files
         if storage.exists(fs, path(sub)):
             fs.delete_dir(path(sub))
-    units, rows_read, files = _input_units(cfg)
+    units, rows_read, files, bad_files = _input_units(cfg)
 
     # Pass 1: read + normalise.
     console.status(f"pass 1/3: read + normalise {rows_read} rows from {len(files)} files")
@@ -293,7 +316,7 @@ def _prepare(cfg: Config) -> dict:
         kept.write_parquet(path("data"), filesystem=fs, ray_remote_args=remote)
         udm_report = diagnostics(cfg, fs, path("data"), path("udm"), udm_report)
 
-    manifest = _manifest(cfg, fs, out, rows_read, files, udm_report, time.time() - t0)
+    manifest = _manifest(cfg, fs, out, rows_read, files, bad_files, udm_report, time.time() - t0)
     for sub in ("_stage1", "_stage2"):  # _stage2 is absent when pass 1 kept no row
         if storage.exists(fs, path(sub)):
             fs.delete_dir(path(sub))
@@ -312,7 +335,7 @@ def nothing_kept(manifest: dict, quarantine: str) -> UserError:
                      exit_code=1)
 
 
-def _manifest(cfg, fs, out, rows_read, files, udm_report, seconds) -> dict:
+def _manifest(cfg, fs, out, rows_read, files, bad_files, udm_report, seconds) -> dict:
     ic = cfg.ingest
     stage1 = count_rows(fs, storage.join(out, "_stage1"))
     kept = count_rows(fs, storage.join(out, "data"))
@@ -339,6 +362,8 @@ def _manifest(cfg, fs, out, rows_read, files, udm_report, seconds) -> dict:
         lengths["truncated"] = int(data.sum("truncated") or 0)
     manifest = {
         "input": ic.input, "files": len(files), "rows_read": rows_read, "examples": stage1,
+        # files whose footer could not be read: their rows are unknown, so they are counted here
+        "quarantined_files": {"count": len(bad_files), "files": bad_files[:MAX_LISTED_FILES]},
         "paired_rows_expanded": stage1 - rows_read, "kept": kept, "quarantined": quarantined,
         "deduplicated": dedup, "quarantine_reasons": dict(sorted(reasons.items())),
         "reason_help": {k: REASONS[k] for k in sorted(reasons) if k in REASONS},

@@ -34,6 +34,7 @@ REASONS = {
     "prompt_too_long": "the templated prompt exceeds ingest.max_prompt_length tokens",
     "control_token_in_content": "a message spells a control token and the chat template rewrites content",
     "conflicting_labels": "the same (prompt, completion) has both labels (ingest.conflicts)",
+    "unreadable_row_group": "the row group's pages cannot be decoded (a corrupt file whose footer reads)",
 }
 
 ROLES = {"system", "user", "assistant", "tool", "developer"}
@@ -249,6 +250,15 @@ def normalise_table(table: pa.Table, source: str, file_id: str, row_group: int,
             ex["source"], ex["day"] = source, day
             out.append(ex)
     return pa.Table.from_pylist(out, schema=NORMALISED_SCHEMA)
+
+
+def unreadable_rows(n: int, source: str, file_id: str, row_group: int, day: str | None, error: str) -> pa.Table:
+    """The `n` rows of a row group that cannot be decoded, one quarantine row each (the footer
+    gave their number), so the accounting stays exact."""
+    raw = json.dumps({"path": source, "row_group": row_group, "error": error}, ensure_ascii=False)
+    return pa.Table.from_pylist([{"row_id": f"{file_id}:{row_group}:{i}", "source": source, "day": day,
+                                  "status": "quarantined", "reason": "unreadable_row_group", "raw": raw}
+                                 for i in range(n)], schema=NORMALISED_SCHEMA)
 
 
 def file_id(path: str) -> str:
