@@ -154,22 +154,27 @@ def resolve_model(name: str, cache_dir=None) -> Path:
 
 def local_model_dir(uri: str, cfg) -> str:
     """A local directory with the model (cfg: a bco_ray Config): an alias or path resolved, or
-    an s3:// prefix downloaded once into the cache (replicas and eval tasks call it on their node)."""
-    import hashlib
-
+    an s3:// prefix downloaded once per export version into the cache (replicas and eval tasks
+    call it on their node). An export still being written is refused (bco_ray.exports)."""
     import pyarrow.fs as pafs
 
     from bco_ray import storage
 
+    from bco_ray import exports
+
     if not storage.is_s3(uri):
-        return str(resolve_model(uri, cfg.model.cache_dir).resolve())  # replicas have other working dirs
-    target = cache_root(cfg.model.cache_dir) / "served" / hashlib.sha256(uri.encode()).hexdigest()[:16]
-    if not (target / "config.json").exists():
-        fs, path = storage.filesystem(uri, cfg.storage)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = tempfile.mkdtemp(dir=target.parent)  # same filesystem: the rename below is atomic
-        pafs.copy_files(path, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-        os.replace(tmp, target)
+        path = resolve_model(uri, cfg.model.cache_dir).resolve()  # replicas have other working dirs
+        exports.require_complete(pafs.LocalFileSystem(), str(path), uri)
+        return str(path)
+    fs, path = storage.filesystem(uri, cfg.storage)
+    # Keyed by the export's version: a re-export at the same URI is a new copy, not a stale hit.
+    target = cache_root(cfg.model.cache_dir) / "served" / exports.cache_key(fs, path, uri)
+    with exports.lock(str(target) + ".lock"):  # the replicas of one node download one copy
+        if not (target / "config.json").exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = tempfile.mkdtemp(dir=target.parent)  # same filesystem: the rename below is atomic
+            pafs.copy_files(path, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+            os.replace(tmp, target)
     return str(target)
 
 

@@ -141,15 +141,6 @@ def exists(fs: pafs.FileSystem, path: str) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
-def upload_dir(local_dir: str, uri: str, cfg: StorageConfig) -> None:
-    """Copy a local directory to a local path or s3:// prefix, replacing what was there."""
-    fs, path = filesystem(uri, cfg)
-    if exists(fs, path):
-        fs.delete_dir_contents(path)
-    fs.create_dir(path, recursive=True)
-    pafs.copy_files(local_dir, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
-
-
 def listing(fs: pafs.FileSystem, path: str) -> list[tuple[str, int]]:
     """(name relative to `path`, size) of every parquet file under it: the identity of an
     input for skip-if-unchanged keys. Relative names: the same files unpacked elsewhere (a

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from bco_ray import storage
+from bco_ray import exports, storage
 from bco_ray.config import Config, from_dict
 from bco_ray.eval import quality
 from bco_ray.train import checkpoint
@@ -363,7 +363,7 @@ def worker_loop(config: dict) -> None:
         with tempfile.TemporaryDirectory() as d:
             export_model(policy, lm, tok, cfg, rank, d)
             if rank == 0:
-                storage.upload_dir(d, config["export"], cfg.storage)
+                exports.write(d, config["export"], cfg.storage, {"step": state["step"], "train_name": tc.name})
                 say(f"[train] exported the model at step {state['step']} to {config['export']}")
         state["exported_step"], state["exported_eval"] = state["step"], ev
 

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
-from bco_ray import console, storage
+from bco_ray import console, exports, storage
 from bco_ray.config import Config, redacted, to_dict
 from bco_ray.errors import UserError
 
@@ -172,6 +172,10 @@ def train(cfg: Config, _fail_at_step: int | None = None, _fail_marker: str | Non
     store_fs, store_path = storage.filesystem(store_uri, cfg.storage)
     fingerprint = run_fingerprint(cfg, scored_manifest)
     check_resume(store_fs, storage.join(store_path, tc.name), fingerprint, cfg)
+    export_uri = tc.export or storage.join(cfg.run.run_dir, "model")
+    if not storage.is_s3(export_uri):  # workers run in their own working directories
+        export_uri = os.path.abspath(export_uri)
+    exports.check_target(export_uri, cfg.storage)  # now, not after hours of training
 
     console.status("sorting the splits into the global order")
     datasets = {split: global_order(data_dir, fs, split, columns, counts[split]["rows"], cfg)
@@ -179,9 +183,6 @@ def train(cfg: Config, _fail_at_step: int | None = None, _fail_marker: str | Non
 
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0 if tc.use_gpu is None else tc.use_gpu
     resources = {"CPU": tc.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
-    export_uri = tc.export or storage.join(cfg.run.run_dir, "model")
-    if not storage.is_s3(export_uri):  # workers run in their own working directories
-        export_uri = os.path.abspath(export_uri)
     tracking = tc.tracking_uri
     if tracking is None:
         tracking = "file:" + os.path.abspath(storage.join(cfg.run.run_dir, "mlruns"))
