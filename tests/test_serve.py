@@ -133,6 +133,16 @@ def test_errors_have_openai_shape_and_status(server):
     assert e.value.code == 401 and json.loads(e.value.read())["error"]["code"] == "invalid_api_key"
 
 
+def test_the_replicas_arguments_hold_no_api_key(server):
+    """Serve keeps deployment arguments in its controller state: the keys go as digests."""
+    import hashlib
+
+    from bco_ray.serve.stage import build_app
+
+    args = repr(build_app(server["cfg"])._bound_deployment.init_args)
+    assert KEY not in args and hashlib.sha256(KEY.encode()).hexdigest() in args
+
+
 def test_chat_content_cannot_open_a_system_turn(server, tiny_llama):
     from bco_ray.data.tokenization import chat_prompt_ids
 

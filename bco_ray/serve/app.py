@@ -13,6 +13,7 @@ every route answered 422. Real annotations travel with the function.
 """
 
 import asyncio
+import hashlib
 import hmac
 import json
 import os
@@ -49,7 +50,9 @@ async def _api_error(_: Request, e: APIError):
 
 # ---------------------------------------------------------------------------- feedback
 
-@serve.deployment(num_replicas=1, max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0.1})
+# graceful_shutdown_timeout_s: the shutdown hook's final write to S3 gets a minute, not Serve's 20 s.
+@serve.deployment(num_replicas=1, max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0.1},
+                  graceful_shutdown_timeout_s=60)
 class FeedbackLog:
     def __init__(self, uri: str, storage: dict, flush_rows: int, flush_seconds: float, max_served: int):
         from bco_ray.config import StorageConfig
@@ -162,14 +165,25 @@ def usable_keys(configured) -> list[str]:
     return [k for k in keys if k]
 
 
+def key_digests_of(keys: list[str]) -> list[bytes]:
+    return [hashlib.sha256(k.encode()).digest() for k in keys]
+
+
 @serve.deployment
 @serve.ingress(app)
 class OpenAIServer:
-    def __init__(self, cfg: dict, model_dir: str, version: str, feedback, engine: str = "hf"):
+    def __init__(self, cfg: dict, model_uri: str, version: str, feedback, engine: str = "hf",
+                 key_digests: tuple[str, ...] = ()):
+        from bco_ray.assets import local_model_dir
+
         self.cfg: Config = from_dict(cfg)
         sc = self.cfg.serve
-        self.keys = [k.encode() for k in usable_keys(sc.api_keys)]
+        # Digests, not keys: the init args live in Serve's controller state. The replica's own
+        # $BCO_RAY_API_KEYS (a pod's secret) counts too.
+        self.keys = sorted({bytes.fromhex(d) for d in key_digests} | set(key_digests_of(usable_keys(sc.api_keys))))
         self.name, self.version, self.feedback_log = sc.model_name, version, feedback
+        # On this replica's node: an s3:// export is downloaded here, once per node and version.
+        model_dir = local_model_dir(model_uri, self.cfg)
         import torch
 
         dtype = self.cfg.model.dtype
@@ -202,9 +216,10 @@ class OpenAIServer:
         if self.keys:
             auth = request.headers.get("authorization", "")
             given = auth[7:].strip().encode() if auth.startswith("Bearer ") else b""
+            digest = hashlib.sha256(given).digest()
             ok = False
             for k in self.keys:  # every key compared, in constant time: no timing tells a key's prefix
-                ok |= hmac.compare_digest(given, k)
+                ok |= hmac.compare_digest(digest, k)
             if not given or not ok:
                 raise APIError(401, "missing or invalid API key (Authorization: Bearer KEY)", "authentication_error",
                                code="invalid_api_key")

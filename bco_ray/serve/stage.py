@@ -8,6 +8,7 @@ Clients change only their base_url: `OpenAI(base_url="http://127.0.0.1:8000/v1",
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 from bco_ray import storage
@@ -40,7 +41,7 @@ def build_app(cfg: Config):
 
     from bco_ray.assets import model_fingerprint
     from bco_ray.score.stage import choose_backend
-    from bco_ray.serve.app import FeedbackLog, OpenAIServer
+    from bco_ray.serve.app import FeedbackLog, OpenAIServer, key_digests_of, usable_keys
 
     sc = cfg.serve
     model_uri = sc.model or cfg.train.export or storage.join(cfg.run.run_dir, "model")
@@ -68,7 +69,11 @@ def build_app(cfg: Config):
                                   max_queued_requests=sc.max_queued_requests,
                                   ray_actor_options={"num_cpus": sc.cpus_per_replica, "num_gpus": gpus},
                                   **scaling)
-    return server.bind(to_dict(cfg), model_dir, version, log, engine)
+    # The replicas get the API keys as SHA-256 digests and a config without them: deployment
+    # arguments are kept in Serve's controller state.
+    digests = tuple(d.hex() for d in key_digests_of(usable_keys(sc.api_keys)))
+    replica_cfg = to_dict(dataclasses.replace(cfg, serve=dataclasses.replace(sc, api_keys=())))
+    return server.bind(replica_cfg, model_uri, version, log, engine, digests)
 
 
 def start(cfg: Config) -> str:
@@ -91,7 +96,15 @@ def start(cfg: Config) -> str:
 
 
 def stop() -> None:
-    """Graceful: replicas finish their requests and the feedback log flushes."""
+    """Graceful: the feedback log is flushed by an explicit call first (a slow store must not
+    meet the replica's shutdown deadline), then Serve drains the replicas, whose shutdown hook
+    (`FeedbackLog.__del__`, which Serve calls on a graceful stop) writes what came after."""
     from ray import serve
 
+    try:
+        written = serve.get_deployment_handle("FeedbackLog", app_name=APP_NAME).flush.remote().result(timeout_s=120)
+        if written:
+            print(f"[serve] feedback log: {written} buffered row(s) written before shutdown", flush=True)
+    except Exception as e:  # noqa: BLE001 - no app (never started) or a store down: the hook retries
+        print(f"[serve] feedback flush before shutdown did not complete ({type(e).__name__}: {e})", flush=True)
     serve.shutdown()
