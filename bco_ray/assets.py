@@ -158,9 +158,7 @@ def local_model_dir(uri: str, cfg) -> str:
     call it on their node). An export still being written is refused (bco_ray.exports)."""
     import pyarrow.fs as pafs
 
-    from bco_ray import storage
-
-    from bco_ray import exports
+    from bco_ray import exports, storage
 
     if not storage.is_s3(uri):
         path = resolve_model(uri, cfg.model.cache_dir).resolve()  # replicas have other working dirs

@@ -1,6 +1,7 @@
 """Exported model directories: replaced safely, never someone else's files, never read half
 written, and a re-export at the same S3 URI served anew (bco_ray.exports, assets.local_model_dir)."""
 
+import json
 import threading
 
 import pyarrow.fs as pafs
@@ -14,7 +15,7 @@ from bco_ray.errors import UserError
 
 def model_files(d, tag: str, shards: int = 1):
     d.mkdir(parents=True, exist_ok=True)
-    (d / "config.json").write_text('{"tag": "%s"}' % tag)
+    (d / "config.json").write_text(json.dumps({"tag": tag}))
     for i in range(shards):
         (d / f"model-{i}.safetensors").write_text(tag * 10)
     return str(d)
@@ -28,7 +29,7 @@ def test_a_re_export_replaces_only_its_own_files_and_a_foreign_directory_is_refu
     second = exports.write(model_files(tmp_path / "b", "two", shards=1), str(out), cfg, {"step": 8})
     names = {p.name for p in out.iterdir()}
     assert names == {"config.json", "model-0.safetensors", exports.MARKER, "notes.txt"}  # shard 1 and the card gone
-    assert (out / "config.json").read_text() == '{"tag": "two"}' and (out / "notes.txt").read_text() == "mine"
+    assert (out / "config.json").read_text() == json.dumps({"tag": "two"}) and (out / "notes.txt").read_text() == "mine"
     assert second["version"] != first["version"] and second["step"] == 8
     assert local_model_dir(str(out), load_config(None, [])) == str(out.resolve())
 
@@ -38,7 +39,7 @@ def test_a_re_export_replaces_only_its_own_files_and_a_foreign_directory_is_refu
         exports.check_target(str(foreign), cfg)
     with pytest.raises(UserError, match="did not write"):
         exports.write(model_files(tmp_path / "c", "x"), str(foreign), cfg, {})
-    assert (foreign / "config.json").read_text() == '{"tag": "theirs"}'
+    assert (foreign / "config.json").read_text() == json.dumps({"tag": "theirs"})
 
 
 def test_an_export_that_died_midway_is_not_served_and_can_be_redone(tmp_path):
@@ -69,10 +70,10 @@ def test_a_re_export_on_s3_is_downloaded_again_once_per_node(tmp_path, s3_endpoi
         t.join()
     assert len(got) == 4 and len(set(got)) == 1
     first = got[0]
-    assert open(f"{first}/config.json").read() == '{"tag": "one"}'
+    assert open(f"{first}/config.json").read() == json.dumps({"tag": "one"})
     exports.write(model_files(tmp_path / "b", "two"), uri, cfg.storage, {})
     second = local_model_dir(uri, cfg)
-    assert second != first and open(f"{second}/config.json").read() == '{"tag": "two"}'
+    assert second != first and open(f"{second}/config.json").read() == json.dumps({"tag": "two"})
     fs, path = pafs.S3FileSystem(endpoint_override=s3_endpoint.removeprefix("http://"), scheme="http",
                                  access_key="testing", secret_key="testing", region="us-east-1"), "logs/exports/m"
     fs.create_dir(path)

@@ -12,8 +12,8 @@ from distributed import gloo_group
 
 from bco_ray.assets import load_causal_lm
 from bco_ray.config import ObjectiveConfig
-from bco_ray.train.objectives import RewardShift, bco_loss
 from bco_ray.train.loop import count_skips
+from bco_ray.train.objectives import RewardShift, bco_loss
 from bco_ray.train.step import PolicyLogps, collate, train_step
 
 LABELS = [False, False, False, True, False, True, True, False]

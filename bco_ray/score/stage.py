@@ -22,7 +22,14 @@ import pyarrow.dataset as pads
 from bco_ray import console, storage
 from bco_ray.config import Config, redacted
 from bco_ray.errors import UserError
-from bco_ray.score.refscore import NON_FINITE, TOO_LONG, HFScorer, QuarantineSink, VLLMScorer, quarantine_rows
+from bco_ray.score.refscore import (
+    NON_FINITE,
+    TOO_LONG,
+    HFScorer,
+    QuarantineSink,
+    VLLMScorer,
+    quarantine_rows,
+)
 
 
 def _cluster_gpus() -> float:
