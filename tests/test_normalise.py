@@ -100,6 +100,31 @@ def test_conflict_policies(policy, labels, status):
     assert [r["status"] for r in resolve_group(_rows(labels), policy)] == status
 
 
+def test_one_vote_per_caller_and_answer_the_latest_counts():
+    """A caller replaying thumbs-down on an answer others liked does not out-vote them: only
+    its latest vote counts; other callers' votes each count once."""
+    import datetime as dt
+
+    from bco_ray.data.normalise import vote_of
+
+    def vote(i, label, caller, minute):
+        row = {"completion_id": "chatcmpl-1", "choice_index": 0, "caller": caller,
+               "feedback_at": dt.datetime(2026, 12, 3, 12, minute, tzinfo=dt.UTC)}
+        key, at = vote_of(row)
+        return {"row_id": f"r{i:02d}", "label": label, "status": "ok", "reason": None, "vote_key": key, "voted_at": at}
+
+    spam = [vote(i, False, "mallory", 10 + i) for i in range(10)]
+    honest = [vote(20, True, "alice", 5), vote(21, True, "bob", 6)]
+    got = {r["row_id"]: (r["status"], r.get("duplicate_of")) for r in resolve_group(spam + honest, "majority")}
+    assert got["r09"] == ("quarantined", None)  # mallory's one counted vote, outvoted 2 to 1
+    assert all(got[f"r{i:02d}"] == ("deduplicated", "r09") for i in range(9))  # superseded by the latest
+    assert got["r20"] == ("ok", None) and got["r21"] == ("deduplicated", "r20")  # two ups: one example
+    # A change of mind: the later vote wins even when its row id sorts first.
+    flip = [vote(5, True, "carol", 30), vote(1, False, "carol", 31)]
+    assert [(r["row_id"], r["status"]) for r in resolve_group(flip, "majority")] == [("r01", "ok"), ("r05", "deduplicated")]
+    assert vote_of({"prompt": "p"}) == (None, None)  # other logs: no votes, plain dedup
+
+
 # A row is any mix of good and bad values; the property: every raw row is accounted for,
 # and a row is kept exactly when each of its fields is valid.
 GOOD_TEXT = st.text(min_size=1, max_size=30).filter(lambda s: s.strip())

@@ -221,20 +221,29 @@ def test_feedback_round_trip_through_prepare(server):
     text = c.completions.create(model="bco-ray", prompt="The capital of France is", max_tokens=6, temperature=0)
     assert post(f"{url}/feedback", {"id": chat.id, "label": "thumbs_up", "comment": "funny"})[0] == 200
     assert post(f"{url}/feedback", {"id": chat.id, "label": "down", "index": 1})[0] == 200
-    assert post(f"{url}/feedback", {"id": text.id, "label": False})[0] == 200  # the 3rd row: stays buffered
+    assert post(f"{url}/feedback", {"id": text.id, "label": False})[0] == 200
+    assert post(f"{url}/feedback", {"id": chat.id, "label": "up", "index": 1})[0] == 200  # a change of mind
     assert post(f"{url}/feedback", {"id": chat.id, "label": "up", "index": 5})[0] == 400
-    serve.stop()  # graceful: the buffered row is flushed
+    serve.stop()  # graceful: the buffered rows are flushed
     log = server["root"] / "feedback"
+    import hashlib
+
+    import pyarrow.dataset as pads
+
+    logged = pads.dataset(str(log), format="parquet").to_table(columns=["caller"]).column("caller").to_pylist()
+    assert set(logged) == {hashlib.sha256(KEY.encode()).hexdigest()[:16]}  # who voted, never the key itself
     cfg = load_config(None, ["--model.policy", "tiny-llama", "--udm.enabled", "false", "--ingest.input", str(log),
                              "--ingest.eval_fraction", "0", "--run.run_dir", str(server["root"] / "prep")])
     m = prepare(cfg)
-    # 3 rows from here, and the one accepted by test_one_bad_request_fails_alone (same server)
-    assert m["rows_read"] == m["kept"] == 3 + ("test_one_bad_request_fails_alone" in RAN) and m["quarantined"] == 0, m
-    import pyarrow.dataset as pads
+    # 4 rows from here (one superseded by the same caller's later vote), and the one accepted
+    # by test_one_bad_request_fails_alone (same server)
+    earlier = "test_one_bad_request_fails_alone" in RAN
+    assert m["rows_read"] == 4 + earlier and m["kept"] == 3 + earlier and m["deduplicated"] == 1, m
+    assert m["quarantined"] == 0, m
 
     rows = pads.dataset(str(server["root"] / "prep" / "prepared" / "data")).to_table().to_pylist()
     by_completion = {r["completion"]: r for r in rows}
     assert by_completion[chat.choices[0].message.content]["label"] is True
-    assert by_completion[chat.choices[1].message.content]["label"] is False
+    assert by_completion[chat.choices[1].message.content]["label"] is True  # the latest vote
     assert by_completion[text.choices[0].text]["label"] is False
     assert by_completion[chat.choices[0].message.content]["prompt_messages"]  # a chat row stays a chat

@@ -310,8 +310,8 @@ def _prepare(cfg: Config) -> dict:
     console.status("pass 3/3: UDM weights" if cfg.udm.enabled else "pass 3/3: write the prepared data")
     udm_report = {"enabled": cfg.udm.enabled}
     if storage.exists(fs, path("_stage2", "status=ok")):
-        kept = storage.read_parquet(path("_stage2", "status=ok"), fs, cpus).drop_columns(["reason", "raw", "duplicate_of",
-                                                                           "pair_key"])
+        kept = storage.read_parquet(path("_stage2", "status=ok"), fs, cpus).drop_columns(
+            ["reason", "raw", "duplicate_of", "pair_key", "vote_key", "voted_at"])
         kept, udm_report = fit_and_weigh(kept, cfg, fs, path("udm"))
         kept.write_parquet(path("data"), filesystem=fs, ray_remote_args=remote)
         udm_report = diagnostics(cfg, fs, path("data"), path("udm"), udm_report)

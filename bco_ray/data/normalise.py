@@ -44,7 +44,23 @@ NORMALISED_SCHEMA = pa.schema([
     ("status", pa.string()), ("reason", pa.string()), ("raw", pa.string()),
     ("prompt", pa.string()), ("prompt_messages", pa.string()), ("completion", pa.string()),
     ("label", pa.bool_()), ("pair_id", pa.string()), ("pair_key", pa.int64()),
+    ("vote_key", pa.string()), ("voted_at", pa.string()),
 ])
+
+# The serve stage's feedback log (bco_ray/serve/feedback_log.py) names each vote: one per
+# (completion, choice, caller) counts, the latest, so one client replaying its thumbs cannot
+# out-vote the others on an answer. Logs without these columns have no vote keys.
+VOTE_COLUMNS = ("completion_id", "choice_index", "caller", "feedback_at")
+
+
+def vote_of(row: dict) -> tuple[str | None, str | None]:
+    """(vote key, time) of a raw row of the serve log; (None, None) for any other log."""
+    cid = row.get("completion_id")
+    if not isinstance(cid, str) or not cid:
+        return None, None
+    at = row.get("feedback_at")
+    return f"{cid}\x1f{row.get('choice_index') or 0}\x1f{row.get('caller') or ''}", \
+        (at.isoformat() if hasattr(at, "isoformat") else None if at is None else str(at))
 
 _MODIFIERS = re.compile("[\U0001f3fb-\U0001f3ff\ufe0f]")  # emoji skin tones, variation selector
 
@@ -227,7 +243,9 @@ def normalise_row(row: dict, fmt: str | None, cfg: IngestConfig, vocab: LabelVoc
             completion = _completion_text(row.get(cfg.completion_column))
         label = vocab(row.get(cfg.label_column))
         _check_size(prompt, completion, cfg)
-        return [_example(prompt, messages, completion, label)]
+        ex = _example(prompt, messages, completion, label)
+        ex["vote_key"], ex["voted_at"] = vote_of(row)
+        return [ex]
     except Reject as r:
         raw = raw_json(row)
         return [{"status": "quarantined", "reason": r.reason, "raw": raw, "prompt": None,
@@ -268,11 +286,23 @@ def file_id(path: str) -> str:
 def resolve_group(rows: list[dict], policy: str) -> list[dict]:
     """Rows sharing (prompt, completion): keep one per decision, mark the rest.
 
-    Exact duplicates become status 'deduplicated' (duplicate_of set); conflicting labels are
-    resolved by `policy` (see IngestConfig.conflicts). Deterministic: rows sorted by row_id.
+    First one vote per vote key (completion, choice, caller of the serve log): the latest
+    counts, the earlier ones become 'deduplicated' (duplicate_of: the latest). Then exact
+    duplicates become 'deduplicated' and conflicting labels are resolved by `policy` (see
+    IngestConfig.conflicts). Deterministic: rows sorted by row_id.
     """
     rows = sorted(rows, key=lambda r: r["row_id"])
-    by_label = {True: [r for r in rows if r["label"]], False: [r for r in rows if not r["label"]]}
+    latest: dict[str, dict] = {}
+    for r in rows:
+        if r.get("vote_key") is not None:
+            best = latest.get(r["vote_key"])
+            if best is None or (r.get("voted_at") or "", r["row_id"]) > (best.get("voted_at") or "", best["row_id"]):
+                latest[r["vote_key"]] = r
+    for r in rows:
+        if r.get("vote_key") is not None and latest[r["vote_key"]] is not r:
+            r["status"], r["duplicate_of"] = "deduplicated", latest[r["vote_key"]]["row_id"]
+    counted = [r for r in rows if r["status"] != "deduplicated"]
+    by_label = {True: [r for r in counted if r["label"]], False: [r for r in counted if not r["label"]]}
 
     def keep_first(group: list[dict]) -> None:
         for r in group[1:]:
@@ -291,5 +321,5 @@ def resolve_group(rows: list[dict], policy: str) -> list[dict]:
         keep_first(win)
         quarantine(lose)
     else:
-        quarantine(rows)
+        quarantine(counted)
     return rows

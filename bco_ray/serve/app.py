@@ -73,11 +73,12 @@ class FeedbackLog:
     def record(self, completion_id: str, prompt, completions: list[str], model: str, version: str) -> None:
         self.writer.record(completion_id, prompt, completions, model, version)
 
-    def feedback(self, completion_id: str, thumbs_up: bool, comment: str | None, index: int) -> dict:
+    def feedback(self, completion_id: str, thumbs_up: bool, comment: str | None, index: int,
+                 caller: str = "anonymous") -> dict:
         from bco_ray.serve.feedback_log import UnknownCompletion
 
         try:
-            row = self.writer.feedback(completion_id, thumbs_up, comment, index)
+            row = self.writer.feedback(completion_id, thumbs_up, comment, index, caller)
         except UnknownCompletion:
             return {"error": "unknown"}
         except IndexError as e:
@@ -434,7 +435,11 @@ class OpenAIServer:
         index = body.get("index", 0)
         if isinstance(index, bool) or not isinstance(index, int):
             raise APIError(400, "'index' must be an integer", param="index")
-        res = await self.feedback_log.feedback.remote(cid, label, comment, index)
+        # Who voted, as a hash of the key: one vote per caller and answer counts (`prepare`).
+        auth = request.headers.get("authorization", "")
+        key = auth[7:].strip() if auth.startswith("Bearer ") else ""
+        caller = hashlib.sha256(key.encode()).hexdigest()[:16] if key and self.keys else "anonymous"
+        res = await self.feedback_log.feedback.remote(cid, label, comment, index, caller)
         if res.get("error") == "unknown":
             raise APIError(404, f"no served completion with id '{cid}' (unknown, or forgotten)", param="id",
                            code="completion_not_found")

@@ -4,7 +4,11 @@ in the schema `bco-ray prepare` reads (so next week's alignment run reads this w
     <log>/date=YYYY-MM-DD/feedback-<time>-<uuid>-text.parquet   prompt: string
     <log>/date=YYYY-MM-DD/feedback-<time>-<uuid>-chat.parquet   prompt: list<{role, content}>
     columns: prompt, completion, label ("thumbs_up" / "thumbs_down"), completion_id,
-             choice_index, model, model_version, comment, served_at, feedback_at
+             choice_index, model, model_version, comment, served_at, feedback_at,
+             caller (the first 16 hex digits of the SHA-256 of the caller's API key; "anonymous")
+
+A caller may change its mind: `prepare` counts one vote per (completion_id, choice_index,
+caller), the latest (bco_ray.data.normalise.resolve_group).
 
 Served completions are remembered (bounded, oldest forgotten first) until their feedback
 arrives; feedback rows are buffered and written in batches, and on `close()`.
@@ -30,7 +34,8 @@ def _schema(chat: bool) -> pa.Schema:
     return pa.schema([("prompt", MESSAGES if chat else pa.string()), ("completion", pa.string()),
                       ("label", pa.string()), ("completion_id", pa.string()), ("choice_index", pa.int32()),
                       ("model", pa.string()), ("model_version", pa.string()), ("comment", pa.string()),
-                      ("served_at", pa.timestamp("ms", tz="UTC")), ("feedback_at", pa.timestamp("ms", tz="UTC"))])
+                      ("served_at", pa.timestamp("ms", tz="UTC")), ("feedback_at", pa.timestamp("ms", tz="UTC")),
+                      ("caller", pa.string())])
 
 
 def _table(rows: list[dict], chat: bool) -> pa.Table | None:
@@ -65,7 +70,8 @@ class FeedbackWriter:
             while len(self.served) > self.max_served:
                 self.served.popitem(last=False)
 
-    def feedback(self, completion_id: str, thumbs_up: bool, comment: str | None = None, index: int = 0) -> dict:
+    def feedback(self, completion_id: str, thumbs_up: bool, comment: str | None = None, index: int = 0,
+                 caller: str = "anonymous") -> dict:
         with self.lock:
             served = self.served.get(completion_id)
             if served is None:
@@ -77,7 +83,7 @@ class FeedbackWriter:
                    "label": "thumbs_up" if thumbs_up else "thumbs_down", "completion_id": completion_id,
                    "choice_index": index, "model": served["model"], "model_version": served["model_version"],
                    "comment": comment, "served_at": served["served_at"],
-                   "feedback_at": dt.datetime.now(dt.UTC)}
+                   "feedback_at": dt.datetime.now(dt.UTC), "caller": caller}
             self.buffer.append(row)
             self.oldest = self.oldest or time.monotonic()
             due = len(self.buffer) >= self.flush_rows
