@@ -12,7 +12,7 @@ import dataclasses
 import os
 
 from bco_ray import storage
-from bco_ray.assets import local_model_dir
+from bco_ray.assets import ALIASES, local_model_dir
 from bco_ray.config import Config, ConfigError, to_dict
 
 APP_NAME = "bco-ray"
@@ -45,7 +45,9 @@ def build_app(cfg: Config):
 
     sc = cfg.serve
     model_uri = sc.model or cfg.train.export or storage.join(cfg.run.run_dir, "model")
-    model_dir = local_model_dir(model_uri, cfg)
+    if not storage.is_s3(model_uri) and model_uri not in ALIASES:
+        model_uri = os.path.abspath(model_uri)  # replicas run in other working directories
+    model_dir = local_model_dir(model_uri, cfg)  # here, for the verdict and the version
     refuse_rejected(model_dir, model_uri)
     version = f"{model_uri}@{model_fingerprint(model_dir)['sha256'][:12]}"
     cluster_gpus = ray.cluster_resources().get("GPU", 0)
@@ -90,7 +92,11 @@ def start(cfg: Config) -> str:
     console.status(f"starting Ray Serve on {cfg.serve.host}:{cfg.serve.port} (loading the model)")
     console.route_ray_logs()  # Serve's driver-side logger gets its console handler on import
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
-    serve.run(build_app(cfg), name=APP_NAME, route_prefix="/", blocking=False)
+    try:
+        serve.run(build_app(cfg), name=APP_NAME, route_prefix="/", blocking=False)
+    except BaseException:
+        serve.shutdown()  # a failed deploy must not leave Serve's proxy up on this port
+        raise
     host = "127.0.0.1" if cfg.serve.host in ("0.0.0.0", "::") else cfg.serve.host
     return f"http://{host}:{cfg.serve.port}/v1"
 
