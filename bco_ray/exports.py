@@ -16,10 +16,12 @@ again instead of being served from a stale copy.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
 import uuid
+from pathlib import Path
 
 import pyarrow.fs as pafs
 
@@ -67,7 +69,7 @@ def write(local_dir: str, uri: str, cfg: StorageConfig, info: dict) -> dict:
         for name in set(old.get("files", [])) | set(ADDED_BESIDE):
             if storage.exists(fs, storage.join(path, name)):
                 fs.delete_file(storage.join(path, name))
-    files = sorted(str(p.relative_to(local_dir)) for p in _walk(local_dir))
+    files = sorted(str(p.relative_to(local_dir)) for p in Path(local_dir).rglob("*") if p.is_file())
     pafs.copy_files(local_dir, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
     marker = {"format": FORMAT, "version": uuid.uuid4().hex, "written_at": time.time(), "files": files, **info}
     storage.write_bytes(fs, storage.join(path, MARKER), json.dumps(marker, indent=1).encode())
@@ -75,22 +77,13 @@ def write(local_dir: str, uri: str, cfg: StorageConfig, info: dict) -> dict:
     return marker
 
 
-def _walk(local_dir: str):
-    from pathlib import Path
-
-    return [p for p in Path(local_dir).rglob("*") if p.is_file()]
-
-
 def require_complete(fs: pafs.FileSystem, path: str, uri: str) -> dict | None:
     """The marker of a complete export; None for a directory bco-ray did not export (a base
     model); an export still being written (or whose writer died) is an error."""
-    names = {INCOMPLETE, MARKER} & {i.base_name for i in fs.get_file_info([storage.join(path, INCOMPLETE),
-                                                                           storage.join(path, MARKER)])
-                                     if i.type == pafs.FileType.File}
-    if INCOMPLETE in names:
+    if storage.exists(fs, storage.join(path, INCOMPLETE)):
         raise UserError(f"the model at {uri} is an export still being written, or one whose training died "
                         "while writing it", "wait for the training to finish, or export again")
-    return read_marker(fs, path) if MARKER in names else None
+    return read_marker(fs, path)
 
 
 def cache_key(fs: pafs.FileSystem, path: str, uri: str) -> str:
@@ -108,18 +101,15 @@ def cache_key(fs: pafs.FileSystem, path: str, uri: str) -> str:
     return hashlib.sha256(f"{uri}\n{ident}".encode()).hexdigest()[:16]
 
 
+@contextlib.contextmanager
 def lock(path: str):
     """An exclusive lock on a local file (replicas of one node download one copy)."""
-    import contextlib
     import fcntl
 
-    @contextlib.contextmanager
-    def held():
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
-    return held()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

@@ -121,14 +121,17 @@ def test_dpo_batch_missing_a_pair_member_is_an_error():
 RANK_ROWS = {0: (0, 3), 1: (3, 8)}
 
 
+def _ddp_rank(rank):
+    """This rank's DDP policy, SGD (lr 1), reward shift and rows (RANK_ROWS)."""
+    torch.set_num_threads(1)
+    policy = torch.nn.parallel.DistributedDataParallel(fresh_policy())
+    a, b = RANK_ROWS[rank]
+    return policy, torch.optim.SGD(policy.parameters(), lr=1.0), RewardShift(), examples()[a:b]
+
+
 def _ddp_worker(rank, world, init_file, out_dir):
     with gloo_group(rank, world, init_file):
-        torch.set_num_threads(1)
-        policy = torch.nn.parallel.DistributedDataParallel(fresh_policy())
-        opt = torch.optim.SGD(policy.parameters(), lr=1.0)
-        shift = RewardShift()
-        a, b = RANK_ROWS[rank]
-        ex = examples()[a:b]
+        policy, opt, shift, ex = _ddp_rank(rank)
         ms = []
         for _ in range(2):
             mbs = [collate(ex[:2], 0), collate(ex[2:], 0)] if len(ex) > 2 else [collate(ex[:1], 0), collate(ex[1:], 0)]
@@ -248,12 +251,8 @@ def test_count_skips_aborts_after_the_limit_in_a_row():
 
 def _nan_worker(rank, world, init_file, out_dir):
     with gloo_group(rank, world, init_file):
-        torch.set_num_threads(1)
-        policy = torch.nn.parallel.DistributedDataParallel(fresh_policy())
-        opt = torch.optim.SGD(policy.parameters(), lr=1.0)
-        shift = RewardShift()
-        a, b = RANK_ROWS[rank]
-        mb = collate(examples()[a:b], 0)
+        policy, opt, shift, ex = _ddp_rank(rank)
+        mb = collate(ex, 0)
         ms = [train_step(policy, opt, [_nan_ref(mb) if rank == 1 else mb], shift, ObjectiveConfig(), max_grad_norm=None),
               train_step(policy, opt, [mb], shift, ObjectiveConfig(), max_grad_norm=None)]
         torch.save({"params": params(policy.module)}, os.path.join(out_dir, f"p{rank}.pt"))

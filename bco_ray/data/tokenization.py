@@ -19,10 +19,9 @@ from bco_ray.data.normalise import Reject
 _OPEN, _CLOSE = "\ue000", "\ue001"
 
 
-def control_texts(tok) -> list[str]:
+def control_texts(tok) -> set[str]:
     """The strings the tokenizer turns into control tokens (`<|im_start|>`, EOS, ...)."""
-    return sorted({t.content for t in tok.added_tokens_decoder.values() if t.special} | set(tok.all_special_tokens),
-                  key=len, reverse=True)
+    return {t.content for t in tok.added_tokens_decoder.values() if t.special} | set(tok.all_special_tokens)
 
 
 def chat_prompt_ids(tok, messages: list[dict]) -> list[int]:

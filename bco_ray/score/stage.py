@@ -160,10 +160,9 @@ def score_reference(cfg: Config) -> dict:
     if n_scored + n_quarantined != rows_in:
         raise RuntimeError(f"row accounting broken: input {rows_in} != scored {n_scored} + quarantined {n_quarantined}")
     reasons: dict[str, int] = {}
-    if n_quarantined:  # a few rows: read their reasons directly
-        column = pads.dataset(storage.join(out, "quarantine"), filesystem=out_fs, format="parquet") \
-            .to_table(columns=["reason"]).column("reason")
-        reasons = {r["values"]: r["counts"] for r in pc.value_counts(column).to_pylist()}
+    if n_quarantined:
+        counted = storage.read_parquet(storage.join(out, "quarantine"), out_fs, cpus, ["reason"])
+        reasons = {reason: n for (reason,), n in storage.count_by(counted, ["reason"], cpus).items()}
     if (bad := reasons.get(NON_FINITE, 0)) > sc.max_nonfinite_fraction * rows_in:
         raise UserError(f"the reference model gave non-finite log-probs for {bad} of {rows_in} rows (quarantined "
                         f"in {storage.join(out, 'quarantine')})",

@@ -166,6 +166,12 @@ def usable_keys(configured) -> list[str]:
     return [k for k in keys if k]
 
 
+def _bearer(request: Request) -> bytes:
+    """The request's Bearer key (empty when there is none)."""
+    auth = request.headers.get("authorization", "")
+    return auth[7:].strip().encode() if auth.startswith("Bearer ") else b""
+
+
 def key_digests_of(keys: list[str]) -> list[bytes]:
     return [hashlib.sha256(k.encode()).digest() for k in keys]
 
@@ -215,8 +221,7 @@ class OpenAIServer:
     # -- plumbing
     async def _body(self, request: Request) -> dict:
         if self.keys:
-            auth = request.headers.get("authorization", "")
-            given = auth[7:].strip().encode() if auth.startswith("Bearer ") else b""
+            given = _bearer(request)
             digest = hashlib.sha256(given).digest()
             ok = False
             for k in self.keys:  # every key compared, in constant time: no timing tells a key's prefix
@@ -436,9 +441,8 @@ class OpenAIServer:
         if isinstance(index, bool) or not isinstance(index, int):
             raise APIError(400, "'index' must be an integer", param="index")
         # Who voted, as a hash of the key: one vote per caller and answer counts (`prepare`).
-        auth = request.headers.get("authorization", "")
-        key = auth[7:].strip() if auth.startswith("Bearer ") else ""
-        caller = hashlib.sha256(key.encode()).hexdigest()[:16] if key and self.keys else "anonymous"
+        key = _bearer(request)
+        caller = hashlib.sha256(key).hexdigest()[:16] if key and self.keys else "anonymous"
         res = await self.feedback_log.feedback.remote(cid, label, comment, index, caller)
         if res.get("error") == "unknown":
             raise APIError(404, f"no served completion with id '{cid}' (unknown, or forgotten)", param="id",
