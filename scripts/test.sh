@@ -6,4 +6,4 @@ source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
 base=/tmp/bcrt-$$
 trap 'rm -rf "$base"' EXIT
 # The slowest tests are printed so that the 40-minute CI budget can be kept in view.
-exec python -m pytest --basetemp="$base" --durations=25 "$@"
+exec python -m pytest --basetemp="$base" --durations=60 "$@"

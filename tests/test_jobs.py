@@ -21,7 +21,7 @@ BIN = Path(sys.executable).parent
 
 def job_args(run_dir, serve_port):
     return ["--config", "configs/demo.yaml", "--model.policy", "tiny-llama", "--run.run_dir", str(run_dir),
-            "--udm.sample_size", "128", "--train.max_steps", "4", "--train.checkpoint_every", "2",
+            "--train.max_steps", "4", "--train.checkpoint_every", "2",
             "--train.eval_every", "0", "--train.max_failures", "0", "--serve.port", str(serve_port)]
 
 
@@ -70,9 +70,9 @@ def test_align_job_fails_in_train_and_the_resubmitted_job_resumes_without_redoin
     url, env = head
     run_dir = tmp_path / "run"
     port = free_port()
-    # The eval stage off: what this test is about is the job's failure and resume; the eval stage
-    # runs on this config in test_pipeline and in the CI demo (37 s of CI here).
-    args = [*job_args(run_dir, port), "--eval.enabled", "false"]
+    # UDM and the eval stage off: what this test is about is the job's failure and resume; both
+    # run on this config in test_pipeline and in the CI demo (about 60 s of CI here).
+    args = [*job_args(run_dir, port), "--udm.enabled", "false", "--eval.enabled", "false"]
     # 1. bco-ray submit, with a fault drill: a worker dies at step 3, no retries: the job fails.
     first = subprocess.run([str(BIN / "bco-ray"), "submit", "--address", url, "--env", "BCO_RAY_FAULT_DRILL_STEP=3",
                             *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
@@ -128,8 +128,7 @@ def test_align_on_a_two_node_cluster_with_a_training_worker_on_each_node(tmp_pat
     args = job_args(run_dir, free_port())[2:]  # without --config (the script loads it)
     p = subprocess.run([sys.executable, "-c", TWO_NODES, str(run_dir), f"/tmp/bc2-{os.getpid()}", *args,
                         # UDM and the eval gate off: what this test is about is where training runs
-                        # (UDM runs on this config in the job test above, eval in test_pipeline,
-                        # and both in the CI demo).
+                        # (both run on this config in test_pipeline and in the CI demo).
                         "--train.placement", "SPREAD", "--train.num_workers", "2", "--train.grad_accum", "2",
                         "--udm.enabled", "false", "--eval.enabled", "false",
                         "--ingest.num_cpus_per_task", "0.25",

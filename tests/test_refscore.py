@@ -48,6 +48,14 @@ def test_length_buckets_respect_the_token_budget_and_cover_every_row():
     assert groups[0].tolist() == [6]  # longer than the budget: alone
 
 
+def test_scoring_batches_give_every_actor_work():
+    from bco_ray.score.stage import batch_rows_for
+
+    assert batch_rows_for(651, 2, 256) == 82  # the demo: 8 batches for 2 actors, not 3
+    assert batch_rows_for(10**8, 32, 256) == 256  # a big log: score.batch_rows as set
+    assert batch_rows_for(3, 4, 256) == 1 and batch_rows_for(0, 2, 256) == 1
+
+
 def test_mismatched_pairs_take_the_next_rows_completion():
     ids = [np.array([1, 2, 3, 4]), np.array([5, 6, 7]), np.array([8, 9, 10, 11, 12])]
     prompt = np.array([2, 1, 3])

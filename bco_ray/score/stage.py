@@ -63,19 +63,27 @@ def _quarantine(table: pa.Table, limit: int) -> pa.Table:
     return quarantine_rows(table.filter(_too_long(table, limit)), TOO_LONG)
 
 
+def batch_rows_for(rows: int, actors: int, batch_rows: int) -> int:
+    """Rows per scoring batch: score.batch_rows, or fewer when the split is small, so that each
+    actor gets about four batches. The demo's 651 rows in batches of 256 made three batches for
+    two actors: one actor scored two of them while the other sat idle (268 s where 110 do)."""
+    return max(1, min(batch_rows, -(-rows // (4 * max(1, actors)))))
+
+
 def _read_in_blocks(data_dir: str, fs, cpus: float, actors: int, batch_rows: int):
     """The prepared data as a dataset of at least `actors` blocks, so every scorer gets work.
     A reader gives a block per file, and a small split is one file (the demo's 651 rows left
-    its second actor idle). Such a split is read here and cut into batch-sized blocks:
-    Ray Data's own repartition runs a task of one whole CPU, which never fits once the
-    fractional scorers sit on every node (a cluster of two 1-CPU nodes waited forever)."""
+    its second actor idle). Such a split is read here and cut into batch-sized blocks
+    (`batch_rows_for`): Ray Data's own repartition runs a task of one whole CPU, which never
+    fits once the fractional scorers sit on every node (a cluster of two 1-CPU nodes waited forever)."""
     import ray
 
     files = storage.list_parquet(fs, data_dir)
     if len(files) >= actors:
         return storage.read_parquet(data_dir, fs, cpus)
     table = pads.dataset(files, filesystem=fs, format="parquet").to_table()
-    return ray.data.from_arrow([table.slice(i, batch_rows) for i in range(0, table.num_rows, batch_rows)] or [table])
+    step = batch_rows_for(table.num_rows, actors, batch_rows)
+    return ray.data.from_arrow([table.slice(i, step) for i in range(0, table.num_rows, step)] or [table])
 
 
 def score_reference(cfg: Config) -> dict:
@@ -147,7 +155,8 @@ def score_reference(cfg: Config) -> dict:
                                      trust_remote_code=cfg.model.trust_remote_code, seed=cfg.run.seed,
                                      quarantine=sink)
     scored = ds.map_batches(_keep, fn_kwargs={"limit": max_tokens}, batch_format="pyarrow", **remote)
-    scored = scored.map_batches(cls, fn_constructor_kwargs=args, batch_format="pyarrow", batch_size=sc.batch_rows,
+    scored = scored.map_batches(cls, fn_constructor_kwargs=args, batch_format="pyarrow",
+                                batch_size=batch_rows_for(rows_in, sc.actors, sc.batch_rows),
                                 compute=ray.data.ActorPoolStrategy(size=sc.actors),
                                 num_cpus=sc.num_cpus_per_actor, num_gpus=gpu_per_actor)
     scored.write_parquet(storage.join(out, "data"), filesystem=out_fs, ray_remote_args=remote)
