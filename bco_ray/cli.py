@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "writes the table and the best trial's overrides")
     sub.add_parser("serve", parents=[parent],
                    help="stage: the aligned model behind an OpenAI-compatible HTTP API (Ray Serve), with feedback")
+    sub.add_parser("compact", parents=[parent],
+                   help="merge the feedback log's small files into one file per day and kind (no row lost)")
     sm = sub.add_parser("submit", parents=[parent],
                         help="run `align` as a Ray job on a cluster (Jobs API); streams its logs, exits with its status")
     sm.add_argument("--address", required=True, help="the cluster's dashboard, e.g. http://HEAD:8265")
@@ -228,6 +230,11 @@ def _run(command: str, cfg) -> int:
         except KeyboardInterrupt:
             serve.stop()
         return 0
+    if command == "compact":
+        from bco_ray.data.compact import compact
+
+        report = compact(cfg)
+        return 1 if report["unreadable"] else 0
     if command == "align":
         from bco_ray.pipeline import align
 

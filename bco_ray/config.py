@@ -239,6 +239,16 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class CompactConfig:
+    """`bco-ray compact`: the feedback log's small files merged per day (bco_ray/data/compact.py)."""
+
+    input: str | None = knob(None, "The feedback log to compact (local or s3://); null is serve.feedback_log, or <run_dir>/feedback.")
+    until: str | None = knob(None, "Compact the days before this one (YYYY-MM-DD); null is today (UTC), which the server may still be writing.")
+    max_rows_per_file: int = knob(1_000_000, "Rows per merged file at most (also what one task holds in memory).")
+    min_files: int = knob(2, "Leave a day alone until it has at least this many files.")
+
+
+@dataclass(frozen=True)
 class TuneConfig:
     """`bco-ray tune`: a grid over lr, beta and steps on Ray Tune; each trial trains, then runs the eval stage."""
 
@@ -300,6 +310,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "Generation quality of the trained model vs the reference, and the gate."})
     tune: TuneConfig = field(default_factory=TuneConfig, metadata={"help": "The hyperparameter sweep (bco-ray tune) on Ray Tune."})
     serve: ServeConfig = field(default_factory=ServeConfig, metadata={"help": "The OpenAI-compatible endpoint and its feedback log."})
+    compact: CompactConfig = field(default_factory=CompactConfig, metadata={"help": "Merging the feedback log's small files (bco-ray compact)."})
 
 
 # ---------------------------------------------------------------------------- coercion

@@ -1,6 +1,7 @@
 """The serve app's routes as Ray Serve ships them to replicas (no cluster needed)."""
 
 import inspect
+import json
 
 import ray.cloudpickle as cloudpickle
 from fastapi import Request
@@ -97,3 +98,143 @@ def test_feedback_files_are_committed_whole_and_unwritable_rows_are_dead_lettere
     w.record("c4", "later", ["fine"], "m", "v1")
     w.feedback("c4", True)
     assert w.flush() == 1 and w.dead_lettered == 1  # and the next flush is clean
+
+
+# ---------------------------------------------------------------------------- the replica's request paths, in process
+# The replica class itself, without Ray Serve around it: a real tiny model behind it, and an
+# engine that fails or is slow where the test needs it to.
+
+class _Log:
+    """The feedback log's handle: remembers what the replica asked it to record."""
+
+    def __init__(self):
+        self.recorded = []
+
+        async def remote(*args):
+            self.recorded.append(args)
+        self.record = type("M", (), {"remote": staticmethod(remote)})()
+
+
+def _replica(engine):
+    from bco_ray.config import load_config
+    from bco_ray.serve.app import OpenAIServer
+
+    server = object.__new__(OpenAIServer.func_or_class)  # the class under Serve's deployment
+    server.cfg, server.name, server.version, server.vllm = load_config(None, []), "m", "v1", False
+    server.engine, server.feedback_log, server.keys = engine, _Log(), []
+    return server
+
+
+def _tiny_engine():
+    from bco_ray.assets import resolve_model
+    from bco_ray.serve.generate import HFEngine
+
+    return HFEngine(str(resolve_model("tiny-llama")), "float32", device="cpu", num_threads=1)
+
+
+def _chat_choice(i, text, reason, final):
+    return None if i is None else {"index": i, "delta": {"content": text}, "finish_reason": reason}
+
+
+def test_an_engine_error_mid_stream_is_an_error_event_without_done_and_nothing_is_remembered():
+    import asyncio
+    import json
+
+    engine = _tiny_engine()
+
+    def failing(prompts, params, outputs=None):
+        for n, step in enumerate(type(engine).generate_iter(engine, prompts, params, outputs)):
+            if n == 3:
+                raise RuntimeError("device lost")
+            yield step
+    engine.generate_iter = failing
+    server = _replica(engine)
+
+    async def run():
+        ids = engine.encode_chat([{"role": "user", "content": "hello"}])
+        resp = await server._respond({"stream": True, "max_tokens": 20, "temperature": 0}, ids, "hello", "chatcmpl",
+                                     "chat.completion.chunk", _chat_choice)
+        return [c if isinstance(c, str) else c.decode() async for c in resp.body_iterator]
+
+    events = asyncio.run(run())
+    assert events[-1] != "data: [DONE]\n\n" and "data: [DONE]\n\n" not in events
+    last = json.loads(events[-1].removeprefix("data: "))
+    assert last["error"]["code"] == "engine_error" and "device lost" in last["error"]["message"]
+    assert len(events) >= 3  # the opening chunk and the tokens before the failure were sent
+    assert server.feedback_log.recorded == []  # a cut answer cannot be rated
+
+
+def test_the_hf_engine_stops_decoding_when_the_client_goes_away():
+    import asyncio
+    import time
+
+    engine = _tiny_engine()
+    steps = []
+
+    def slow(prompts, params, outputs=None):
+        for step in type(engine).generate_iter(engine, prompts, params, outputs):
+            steps.append(time.monotonic())
+            time.sleep(0.05)
+            yield step
+    engine.generate_iter = slow
+    server = _replica(engine)
+
+    async def run():
+        ids = engine.encode_text("hello")
+        resp = await server._respond({"stream": True, "max_tokens": 400, "temperature": 1.0, "seed": 1}, ids,
+                                     "hello", "cmpl", "text_completion", _chat_choice)
+        it = resp.body_iterator
+        for _ in range(3):
+            await it.__anext__()
+        await it.aclose()  # what Starlette does when the client disconnects
+        await asyncio.sleep(2.0)  # time for ~40 more steps, were it still decoding
+
+    asyncio.run(run())
+    time.sleep(0.2)
+    assert len(steps) < 12, len(steps)  # stopped within a few steps of the disconnect, not at 400
+    assert server.feedback_log.recorded == []
+
+
+def test_a_megabyte_prompt_is_tokenized_off_the_event_loop():
+    import asyncio
+    import time
+
+    from starlette.requests import Request
+
+    from bco_ray.serve.app import APIError, OpenAIServer
+
+    server = _replica(_tiny_engine())
+    prompt = "word " * 190_000  # just under serve.max_request_bytes
+    body = json.dumps({"model": "m", "prompt": prompt, "max_tokens": 4}).encode()
+    gaps = []
+
+    async def receive():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def ticker(done):
+        last = time.monotonic()
+        while not done.is_set():
+            await asyncio.sleep(0.01)
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+
+    async def run():
+        done = asyncio.Event()
+        tick = asyncio.create_task(ticker(done))
+        scope = {"type": "http", "method": "POST", "path": "/v1/completions", "headers": [], "query_string": b""}
+        t0 = time.monotonic()
+        try:
+            await OpenAIServer.func_or_class.completions(server, Request(scope, receive))
+        except APIError as e:
+            assert e.status == 413 and e.code == "context_length_exceeded"  # tokenized, then refused
+        else:
+            raise AssertionError("a 190k-token prompt was accepted by a 2k-context model")
+        took = time.monotonic() - t0
+        done.set()
+        await tick
+        return took
+
+    took = asyncio.run(run())
+    # The event loop kept ticking while the prompt was tokenized: other requests are served.
+    assert took > 0.2 and max(gaps) < min(0.5 * took, 0.25), (took, max(gaps))
