@@ -89,16 +89,15 @@ def test_a_crash_at_any_step_is_finished_or_undone_by_the_next_run(tmp_path):
     for p, _ in g["inputs"]:
         shutil.copy(keep / p.rsplit("/", 1)[-1], p)
     journal = root / cp.JOURNALS / (cp.output_name(g) + ".json")
-    journal.write_text(json.dumps({"output": f"{path}/date=2026-11-01/{cp.output_name(g)}", "inputs": g["inputs"],
-                                   "rows": sum(n for _, n in g["inputs"])}))
+    journal.write_text(json.dumps({"output": f"{path}/date=2026-11-01/{cp.output_name(g)}",
+                                   "rows": sum(n for _, n in g["inputs"]), **g}))
     assert len(_rows(root)) > len(before)
     (done,) = cp.finish_journals(fs, path)
     assert done["files"] == len(g["inputs"]) and _rows(root) == before and not journal.exists()
-    # Crash after the journal, before the merged file: the journal goes, the inputs stay, and the
-    # group is planned again.
-    (g2, *_), _ = cp.plan(fs, path, "2026-11-02", 1_000_000, 1)
+    # Crash after the journal, before the merged file: the journal goes and no row moves (the
+    # inputs, still in place, are planned again by the next run).
     journal.write_text(json.dumps({"output": f"{path}/date=2026-11-01/compacted-never-written-text.parquet",
-                                   "inputs": [], "rows": 0}))
+                                   "day": "2026-11-01", "kind": "text", "inputs": [], "rows": 0}))
     assert cp.finish_journals(fs, path) == [] and not journal.exists() and _rows(root) == before
 
 

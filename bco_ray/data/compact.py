@@ -37,7 +37,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from bco_ray import console, storage
-from bco_ray.config import Config
+from bco_ray.config import Config, to_dict
 from bco_ray.errors import UserError
 
 OURS = re.compile(r"^(feedback|compacted)-.*-(text|chat)\.parquet$")
@@ -71,14 +71,16 @@ def plan(fs: pafs.FileSystem, root: str, until: str, max_rows: int, min_files: i
             except (OSError, pa.ArrowException) as e:
                 unreadable.append({"path": f, "reason": f"{type(e).__name__}: {e}"[:300]})
         group: list[tuple[str, int]] = []
+        rows = 0
         for f, n in sized + [(None, 0)]:
-            if f is None or (group and sum(r for _, r in group) + n > max_rows):
+            if f is None or (group and rows + n > max_rows):
                 # A lone file that is already as big as allowed is left as it is.
                 if len(group) >= max(2, min_files):
                     groups.append({"day": day, "kind": kind, "inputs": group})
-                group = []
+                group, rows = [], 0
             if f is not None:
                 group.append((f, n))
+                rows += n
     return groups, unreadable
 
 
@@ -94,8 +96,7 @@ def compact_group(fs: pafs.FileSystem, root: str, group: dict) -> dict:
     out, journal = storage.join(folder, name), storage.join(root, JOURNALS, name + ".json")
     expected = sum(n for _, n in group["inputs"])
     if not storage.exists(fs, out):
-        storage.write_bytes(fs, journal, json.dumps({"output": out, "inputs": group["inputs"],
-                                                     "rows": expected}).encode())
+        storage.write_bytes(fs, journal, json.dumps({"output": out, "rows": expected, **group}).encode())
         tables = []
         for path, n in group["inputs"]:
             with fs.open_input_file(path) as h:
@@ -129,9 +130,8 @@ def finish_journals(fs: pafs.FileSystem, root: str) -> list[dict]:
             continue
         j = json.loads(storage.read_bytes(fs, info.path))
         if storage.exists(fs, j["output"]):
-            day = storage.partition_value(j["output"][len(root):], "date")
-            kind = j["output"].rsplit("-", 1)[-1].removesuffix(".parquet")
-            done.append(compact_group(fs, root, {"day": day, "kind": kind, "inputs": [tuple(x) for x in j["inputs"]]}))
+            done.append(compact_group(fs, root, {"day": j["day"], "kind": j["kind"],
+                                                 "inputs": [tuple(x) for x in j["inputs"]]}))
         else:
             fs.delete_file(info.path)
     return done
@@ -146,8 +146,6 @@ def _task(storage_cfg: dict, root_uri: str, group: dict) -> dict:
 
 def compact(cfg: Config) -> dict:
     """The command: plan, merge each group in a Ray task, report (and write `_compaction/last.json`)."""
-    import dataclasses
-
     import ray
 
     t0 = time.time()
@@ -164,7 +162,7 @@ def compact(cfg: Config) -> dict:
     console.say(f"[compact] {uri}: {sum(len(g['inputs']) for g in groups)} files in {len(groups)} group(s) "
                 f"before {until}" + (f"; {len(recovered)} group(s) a crashed run left finished" if recovered else ""))
     task = ray.remote(num_cpus=cfg.ingest.num_cpus_per_task, max_retries=2)(_task)
-    st = dataclasses.asdict(cfg.storage)
+    st = to_dict(cfg.storage)
     done = ray.get([task.remote(st, uri, g) for g in groups])
     report = {"log": uri, "until": until, "groups": len(done), "files_in": sum(d["files"] for d in done),
               "files_out": len(done), "rows": sum(d["rows"] for d in done), "recovered": recovered,
