@@ -101,6 +101,7 @@ class IngestConfig:
     format: Literal["auto", "unpaired", "paired", "conversational"] = knob("auto", "Row schema; 'auto' decides per file from its columns.")
     prompt_column: str = knob("prompt", "Column with the prompt (plain text).")
     completion_column: str = knob("completion", "Column with the model's answer.")
+    served_log: str | None = knob(None, "The served log that feedback events (feedback the server wrote without its answer) are joined to by id; null is <input>/_served.")
     label_column: str = knob("label", "Column with the feedback (thumbs-up / thumbs-down in any spelling listed below).")
     chosen_column: str = knob("chosen", "Paired format: the preferred completion.")
     rejected_column: str = knob("rejected", "Paired format: the dispreferred completion.")
@@ -288,9 +289,9 @@ class ServeConfig:
     max_request_bytes: int = knob(1_000_000, "Larger request bodies get 413.")
     cpus_per_replica: float = knob(0.5, "CPUs per model replica.")
     gpus_per_replica: float | None = knob(None, "GPUs per model replica; null: 1 when the cluster has GPUs, else 0.")
-    feedback_log: str | None = knob(None, "Where POST /v1/feedback rows go (local or s3://, hive date partitions, the schema prepare reads); null is <run_dir>/feedback.")
-    feedback_flush_rows: int = knob(256, "Feedback rows buffered before a parquet file is written.")
-    feedback_flush_seconds: float = knob(10.0, "Oldest buffered feedback row's age that forces a write.")
+    feedback_log: str | None = knob(None, "Where POST /v1/feedback rows go (local or s3://, hive date partitions, the schema prepare reads), and every served answer under its _served/; null is <run_dir>/feedback.")
+    log_commit_seconds: float = knob(0.1, "Group commit: a request is answered once its served or feedback row is on storage; an idle log writes at once, a busy one at most this often, all waiting rows together.")
+    log_commit_timeout_s: float = knob(30.0, "A request whose row is not on storage after this long (storage down) gets 503; the row is still written later.")
     served_cache_size: int = knob(100_000, "Served completions remembered for feedback (oldest forgotten first).")
 
 

@@ -149,7 +149,7 @@ def listing(fs: pafs.FileSystem, path: str) -> list[tuple[str, int]]:
     return [(f[len(path):], i.size) for f, i in zip(files, fs.get_file_info(files), strict=True)]
 
 
-def read_parquet(path: str, fs: pafs.FileSystem, num_cpus: float, columns: list[str] | None = None):
+def read_parquet(path: str | list[str], fs: pafs.FileSystem, num_cpus: float, columns: list[str] | None = None):
     """Ray Data's parquet reader with every task of it at `num_cpus` CPUs.
 
     Ray 2.60's default reader (datasource V2) lists the files in a task of one whole CPU that

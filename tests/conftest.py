@@ -71,7 +71,7 @@ def s3_endpoint():
 
 
 # The tiny-model settings most Ray tests share. UDM (on by default) is off here only to keep
-# these tests fast; it is on in test_udm, test_ingest, test_pipeline and the CI demo run.
+# these tests fast; it is on in test_udm, test_ingest, test_jobs' two-node run and the CI demo run.
 TINY = ["--model.policy", "tiny-llama", "--ingest.label_column", "feedback", "--ingest.max_length", "128",
         "--ingest.max_prompt_length", "96", "--udm.enabled", "false", "--ingest.eval_fraction", "0.2"]
 
@@ -109,3 +109,66 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class TcpGate:
+    """A TCP proxy on 127.0.0.1 to a local port that a test can shut (every connection cut,
+    new ones refused) and open again: a storage outage that keeps the server's state (moto
+    keeps its objects in memory: stopping it would lose them)."""
+
+    def __init__(self, target_port: int):
+        import threading
+
+        self.target, self.open, self.conns = target_port, True, []
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import threading
+
+        while True:
+            try:
+                down, _ = self.sock.accept()
+            except OSError:
+                return
+            if not self.open:
+                down.close()
+                continue
+            try:
+                up = socket.create_connection(("127.0.0.1", self.target), timeout=10)
+            except OSError:
+                down.close()
+                continue
+            self.conns += [down, up]
+            for a, b in ((down, up), (up, down)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(a, b) -> None:
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        for s in (a, b):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def shut(self) -> None:
+        self.open = False
+        for c in self.conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+                c.close()
+            except OSError:
+                pass
+        self.conns = []
+
+    def reopen(self) -> None:
+        self.open = True

@@ -15,15 +15,21 @@ from bco_ray.serve.feedback_log import FeedbackWriter
 
 
 def _write_log(root, days=("2026-11-01", "2026-11-02"), per_day=12):
-    """What the server writes at feedback_flush_rows 1: a file a row, text and chat prompts."""
+    """What the server writes at one request per group commit: a file a row in each log
+    (feedback, and the served log under _served/), text and chat prompts."""
     for day in days:
-        w = FeedbackWriter(str(root / "tmp"), StorageConfig(), flush_rows=1)
+        w = FeedbackWriter(str(root / "tmp"), StorageConfig())
         for i in range(per_day):
             prompt = [{"role": "user", "content": f"q{i}"}] if i % 3 == 0 else f"q{i} on {day}"
             w.record(f"{day}-c{i}", prompt, [f"a{i}"], "m", "v1")
+            w.commit()
             w.feedback(f"{day}-c{i}", i % 2 == 0, caller=f"k{i % 4}")
-        (today,) = (root / "tmp").iterdir()
+            w.commit()
+        (today,) = [p for p in (root / "tmp").iterdir() if p.name.startswith("date=")]
         shutil.move(str(today), str(root / f"date={day}"))
+        (served,) = (root / "tmp" / "_served").iterdir()
+        (root / "_served").mkdir(exist_ok=True)
+        shutil.move(str(served), str(root / "_served" / f"date={day}"))
         shutil.rmtree(root / "tmp")
     # A file from before the caller column existed, one that is not ours, one a crash garbled.
     old = pa.table({"prompt": ["old q"], "completion": ["old a"], "label": ["thumbs_up"], "completion_id": ["old-c"],
@@ -54,16 +60,18 @@ def test_plan_and_merge_keep_every_row_and_touch_nothing_else(tmp_path):
     before, files_before = _rows(root), len(list(root.rglob("*.parquet")))
     fs, path = cp.storage.filesystem(str(root), StorageConfig())
     groups, unreadable = cp.plan(fs, path, "2026-11-02", max_rows=1_000_000, min_files=2)
-    # Only the day before `until`; chat and text apart; the foreign file is no input.
-    assert {(g["day"], g["kind"]) for g in groups} == {("2026-11-01", "text"), ("2026-11-01", "chat")}
-    assert sum(len(g["inputs"]) for g in groups) == 12 + 1 and not unreadable
+    # Only the day before `until`; each log apart, chat and text apart; the foreign file is no input.
+    assert {(g["log"], g["day"], g["kind"]) for g in groups} == {
+        (log, "2026-11-01", kind) for log in ("", "_served") for kind in ("text", "chat")}
+    assert sum(len(g["inputs"]) for g in groups) == 2 * 12 + 1 and not unreadable
     for g in groups:
         cp.compact_group(fs, path, g)
     assert _rows(root) == before  # the same rows, the old file's missing caller as null
     day1 = sorted(p.name for p in (root / "date=2026-11-01").iterdir())
     assert len(day1) == 3 and "users-own-export.parquet" in day1
     assert not list((root / cp.JOURNALS).glob("*.json"))
-    assert len(list(root.rglob("*.parquet"))) == files_before - 13 + 2
+    assert len(list(root.rglob("*.parquet"))) == files_before - 25 + 4
+    assert len(list((root / "_served" / "date=2026-11-01").iterdir())) == 2
 
     # The next day, once `until` passes it: its garbled file is reported and left where it is.
     groups, unreadable = cp.plan(fs, path, "2026-12-01", 1_000_000, 2)
@@ -109,12 +117,13 @@ def test_bco_ray_compact_on_the_cluster(ray_local, tmp_path):
     cfg = load_config(None, ["--compact.input", str(root), "--compact.until", "2026-12-01",
                              "--run.run_dir", str(tmp_path / "run")])
     report = cp.compact(cfg)
-    assert report["files_in"] == 12 * 2 + 1 and report["files_out"] == 4 and report["rows"] == 12 * 2 + 1
+    # 2 days x 12 rows x 2 logs, and the old file; per day and log, one file per kind
+    assert report["files_in"] == 12 * 4 + 1 and report["files_out"] == 8 and report["rows"] == 12 * 4 + 1
     assert len(report["unreadable"]) == 1 and _rows(root) == before
     assert json.loads((root / cp.JOURNALS / "last.json").read_text())["rows"] == report["rows"]
     # prepare reads the compacted log as it read the small files
     ds = pads.dataset(str(root), format="parquet", partitioning="hive",
                       exclude_invalid_files=True, ignore_prefixes=["_", ".", "users-"])
-    assert ds.count_rows() == report["rows"]
+    assert ds.count_rows() == 12 * 2 + 1  # the feedback log's rows (the served log's are under _served/)
     with pytest.raises(Exception, match="not a date"):
         cp.compact(load_config(None, ["--compact.input", str(root), "--compact.until", "December"]))

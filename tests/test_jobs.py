@@ -71,7 +71,7 @@ def test_align_job_fails_in_train_and_the_resubmitted_job_resumes_without_redoin
     run_dir = tmp_path / "run"
     port = free_port()
     # UDM and the eval stage off: what this test is about is the job's failure and resume; both
-    # run on this config in test_pipeline and in the CI demo (about 60 s of CI here).
+    # run on this config in the two-node test and in the CI demo (about 60 s of CI here).
     args = [*job_args(run_dir, port), "--udm.enabled", "false", "--eval.enabled", "false"]
     # 1. bco-ray submit, with a fault drill: a worker dies at step 3, no retries: the job fails.
     first = subprocess.run([str(BIN / "bco-ray"), "submit", "--address", url, "--env", "BCO_RAY_FAULT_DRILL_STEP=3",
@@ -112,30 +112,72 @@ import ray
 ray.init(address=cluster.address)
 from bco_ray.config import load_config
 from bco_ray.pipeline import align
-cfg = load_config("configs/demo.yaml", sys.argv[3:])
-m = align(cfg)
-card = json.load(open(os.path.join(sys.argv[1], "model", "run_card.json")))
+cfg = load_config(sys.argv[2], sys.argv[3:])
+first = align(cfg)
+card = json.load(open(os.path.join(cfg.run.run_dir, "model", "run_card.json")))
 print("RESULT " + json.dumps({"nodes": [n["NodeID"] for n in ray.nodes() if n["Alive"]],
                               "workers": card["worker_nodes"], "steps": card["steps"]}))
+again = align(cfg)  # nothing changed: every stage but serve is skipped
+print("AGAIN " + json.dumps({"skipped": [s for s, v in again["stages"].items() if v.get("skipped")],
+                             "same_answer": again["stages"]["serve"]["answer"] == first["stages"]["serve"]["answer"]}))
 ray.shutdown()
 cluster.shutdown()
 """
 
 
-def test_align_on_a_two_node_cluster_with_a_training_worker_on_each_node(tmp_path):
+def test_align_on_two_nodes_with_the_demo_config_leaks_no_secret_and_a_rerun_skips_its_stages(tmp_path):
+    """The main job (`align`, the demo config: UDM and the eval gate on) on a 2-node cluster
+    with a training worker on each node, from a relative run_dir (workers have other working
+    dirs); secrets set through config and environment reach no artefact; a rerun skips every
+    unchanged stage and still ends with the same served answer. One test, one cluster: each
+    full pipeline costs CI about 2 minutes of fixed costs (process starts, imports)."""
+    import pyarrow.parquet as pq
+
+    secrets = ["AKIAFAKEKEYID0001", "fake/secret+access+key0002", "fake-api-key-0003", "fake-env-api-key-0004"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "BCO_RAY_API_KEYS": secrets[3]}
     run_dir = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    args = job_args(run_dir, free_port())[2:]  # without --config (the script loads it)
-    p = subprocess.run([sys.executable, "-c", TWO_NODES, str(run_dir), f"/tmp/bc2-{os.getpid()}", *args,
-                        # UDM and the eval gate off: what this test is about is where training runs
-                        # (both run on this config in test_pipeline and in the CI demo).
-                        "--train.placement", "SPREAD", "--train.num_workers", "2", "--train.grad_accum", "2",
-                        "--udm.enabled", "false", "--eval.enabled", "false",
-                        "--ingest.num_cpus_per_task", "0.25",
-                        "--score.num_cpus_per_actor", "0.25", "--train.cpus_per_worker", "0.25"],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
-    assert p.returncode == 0 and line, (p.stdout[-3000:], p.stderr[-3000:])
-    r = json.loads(line[0][7:])
+    args = ["--run.run_dir", "run", "--model.policy", "tiny-llama", "--ingest.input", str(ROOT / "data" / "demo_feedback"),
+            "--udm.sample_size", "256", "--train.max_steps", "4", "--train.checkpoint_every", "2",
+            "--train.eval_every", "0", "--train.max_failures", "0", "--serve.port", str(free_port()),
+            "--storage.access_key_id", secrets[0], "--storage.secret_access_key", secrets[1],
+            "--serve.api_keys", f"[{secrets[2]}]",
+            # two 1-CPU nodes: a training worker on each, every other task or actor a fraction
+            "--train.placement", "SPREAD", "--train.num_workers", "2", "--train.grad_accum", "2",
+            "--ingest.num_cpus_per_task", "0.25", "--score.num_cpus_per_actor", "0.25",
+            "--train.cpus_per_worker", "0.25", "--eval.num_cpus", "1"]
+    p = subprocess.run([sys.executable, "-c", TWO_NODES, f"/tmp/bc2-{os.getpid()}", str(ROOT / "configs" / "demo.yaml"), *args],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    lines = {x.split(" ", 1)[0]: json.loads(x.split(" ", 1)[1]) for x in p.stdout.splitlines()
+             if x.startswith(("RESULT ", "AGAIN "))}
+    assert p.returncode == 0 and len(lines) == 2, (p.stdout[-3000:], p.stderr[-3000:])
+    r = lines["RESULT"]
     assert len(set(r["nodes"])) == 2 and set(r["workers"]) == set(r["nodes"])  # one worker per node
     assert r["steps"] == 4
+    assert set(lines["AGAIN"]["skipped"]) >= {"prepare", "score-ref", "train", "eval"} and lines["AGAIN"]["same_answer"]
+
+    saved = json.loads((run_dir / "manifest.json").read_text())
+    assert saved["stages"]["assets"]["policy"]["path"].endswith("tiny-llama")
+    prep = saved["stages"]["prepare"]
+    day = ROOT / "data" / "demo_feedback" / "date=2026-11-03"  # the demo config reads its last day
+    assert prep["rows_read"] == sum(pq.ParquetFile(f).metadata.num_rows for f in day.glob("*.parquet"))
+    assert prep["examples"] == prep["kept"] + prep["quarantined"] + prep["deduplicated"]
+    assert prep["udm"]["enabled"]
+    score = saved["stages"]["score-ref"]
+    assert score["rows_in"] == prep["kept"] == score["scored"] + score["quarantined"]
+    assert score["backend"] == "hf" and score["dtype"] == "float32"  # 'auto' on a CPU cluster
+    assert Path(saved["stages"]["train"]["model"]) == run_dir / "model"
+    assert (run_dir / "model" / "model.safetensors").exists()
+    ev = saved["stages"]["eval"]
+    assert ev["passed"] and ev["prompts_from"].startswith("the eval split"), ev
+    assert ev["metrics"]["greedy"]["degenerate"]["candidate"]["n"] == 24  # the demo config's eval.num_prompts
+    assert (run_dir / "eval" / "eval.json").exists() and (run_dir / "model" / "eval.json").exists()
+    assert saved["stages"]["serve"]["usage"]["completion_tokens"] > 0
+    assert (run_dir / "report" / "report.md").exists() and (run_dir / "report" / "training.png").exists()
+    assert "## Evaluation" in (run_dir / "report" / "report.md").read_text()
+    assert saved["config"]["storage"]["secret_access_key"] == saved["config"]["serve"]["api_keys"] == "<redacted>"
+    # Every file the run wrote (manifests, run card and export, MLflow store, report, logs,
+    # checkpoints, the served log), searched byte by byte for every secret.
+    files = [f for f in run_dir.rglob("*") if f.is_file()]
+    assert len(files) > 50 and any("mlruns" in f.parts for f in files), len(files)
+    leaks = [(str(f), s) for f in files for s in secrets if s.encode() in f.read_bytes()]
+    assert not leaks, leaks

@@ -24,8 +24,10 @@ def server(ray_local, tmp_path_factory):
     port = free_port()
     cfg = load_config(None, ["--model.policy", "tiny-llama", "--serve.model", "tiny-llama",
                              "--serve.port", str(port), "--serve.api_keys", f"[{KEY}]",
-                             "--serve.feedback_log", str(root / "feedback"), "--serve.feedback_flush_rows", "2",
-                             "--serve.feedback_flush_seconds", "3600", "--serve.max_ongoing_requests", "4",
+                             "--serve.feedback_log", str(root / "feedback"), "--serve.max_ongoing_requests", "4",
+                             # one answer remembered: feedback to any earlier one is an event that
+                             # `prepare` joins to the served log (test_feedback_round_trip_through_prepare)
+                             "--serve.served_cache_size", "1",
                              "--serve.max_queued_requests", "4", "--run.run_dir", str(root / "run")])
     url = serve.start(cfg)
     yield {"url": url, "root": root, "cfg": cfg, "client": openai.OpenAI(base_url=url, api_key=KEY, max_retries=0)}
@@ -226,12 +228,15 @@ def test_feedback_round_trip_through_prepare(server):
     chat = c.chat.completions.create(model="bco-ray", messages=[{"role": "user", "content": "Tell me a joke"}],
                                      max_tokens=6, temperature=0.7, seed=1, n=2)
     text = c.completions.create(model="bco-ray", prompt="The capital of France is", max_tokens=6, temperature=0)
-    assert post(f"{url}/feedback", {"id": chat.id, "label": "thumbs_up", "comment": "funny"})[0] == 200
+    # The server remembers one answer (serve.served_cache_size 1): the chat's feedback is
+    # recorded as events, joined to the served log by `prepare`; the text's is written whole.
+    assert post(f"{url}/feedback", {"id": chat.id, "label": "thumbs_up", "comment": "funny"}) == \
+        (200, {"object": "feedback", "id": chat.id, "label": "thumbs_up", "recorded": True, "joined": False})
     assert post(f"{url}/feedback", {"id": chat.id, "label": "down", "index": 1})[0] == 200
-    assert post(f"{url}/feedback", {"id": text.id, "label": False})[0] == 200
+    assert post(f"{url}/feedback", {"id": text.id, "label": False})[1]["joined"] is True
     assert post(f"{url}/feedback", {"id": chat.id, "label": "up", "index": 1})[0] == 200  # a change of mind
-    assert post(f"{url}/feedback", {"id": chat.id, "label": "up", "index": 5})[0] == 400
-    serve.stop()  # graceful: the buffered rows are flushed
+    assert post(f"{url}/feedback", {"id": text.id, "label": "up", "index": 5})[0] == 400
+    serve.stop()  # graceful; every acknowledged row was on storage before its 200 anyway
     log = server["root"] / "feedback"
     import hashlib
 
@@ -247,6 +252,7 @@ def test_feedback_round_trip_through_prepare(server):
     earlier = "test_one_bad_request_fails_alone" in RAN
     assert m["rows_read"] == 4 + earlier and m["kept"] == 3 + earlier and m["deduplicated"] == 1, m
     assert m["quarantined"] == 0, m
+    assert m["served_join"]["events"] >= 3, m  # the chat's three (earlier tests' may add theirs)
 
     rows = pads.dataset(str(server["root"] / "prep" / "prepared" / "data")).to_table().to_pylist()
     by_completion = {r["completion"]: r for r in rows}

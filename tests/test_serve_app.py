@@ -83,21 +83,21 @@ def test_feedback_files_are_committed_whole_and_unwritable_rows_are_dead_lettere
     from bco_ray.config import StorageConfig
     from bco_ray.serve.feedback_log import FeedbackWriter
 
-    w = FeedbackWriter(str(tmp_path / "log"), StorageConfig(), flush_rows=1000)
+    w = FeedbackWriter(str(tmp_path / "log"), StorageConfig())
     for cid, prompt in (("c1", "hello"), ("c2", "bad \ud800 prompt"), ("c3", "bye")):  # c2 got past the door
         w.record(cid, prompt, [f"answer to {cid}"], "m", "v1")
         w.feedback(cid, cid != "c2")
-    assert w.flush() == 3 and w.dead_lettered == 1
+    assert w.commit() == 6 and w.written == 6 and w.dead_lettered == 2  # c2's served row and its feedback
     files = [p for p in (tmp_path / "log").rglob("*") if p.is_file()]
     assert not [p for p in files if p.name.endswith(".tmp")]  # committed by rename: no temp file left
-    table = pads.dataset(str(tmp_path / "log"), format="parquet", partitioning="hive").to_table()
+    table = pads.dataset(str(tmp_path / "log"), format="parquet", partitioning="hive",
+                         ignore_prefixes=["_", "."]).to_table()
     assert sorted(table.column("completion_id").to_pylist()) == ["c1", "c3"]  # the good rows, not blocked
-    (dead,) = [p for p in files if "_dead_letter" in p.parts]
-    row = json.loads(dead.read_text())
-    assert row["row"]["completion_id"] == "c2" and "UTF-8" in row["reason"]
+    dead = [json.loads(line) for p in files if "_dead_letter" in p.parts for line in p.read_text().splitlines()]
+    assert [d["row"]["completion_id"] for d in dead] == ["c2", "c2"] and "UTF-8" in dead[0]["reason"]
     w.record("c4", "later", ["fine"], "m", "v1")
     w.feedback("c4", True)
-    assert w.flush() == 1 and w.dead_lettered == 1  # and the next flush is clean
+    assert w.commit() == 8 and w.dead_lettered == 2  # and the next commit is clean
 
 
 # ---------------------------------------------------------------------------- the replica's request paths, in process

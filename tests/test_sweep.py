@@ -57,6 +57,9 @@ def test_bco_ray_tune_trains_and_judges_each_trial_and_keeps_the_best(prepared_t
     run_dir = tmp_path / "run"
     args = TINY + ["--run.run_dir", str(run_dir), "--ray.num_cpus", "2", "--train.input", scored_tiny,
                    "--eval.input", str(prepared_tiny / "prepared"), "--train.micro_batch_size", "2",
+                   # one worker per trial (the plain module): two would test nothing more here than
+                   # test_train does, and cost each trial a second process and its imports
+                   "--train.num_workers", "1",
                    "--train.grad_accum", "2", "--train.max_steps", "2", "--train.eval_every", "1",
                    "--train.tracking_uri", "none", "--eval.num_prompts", "6", "--eval.max_tokens", "8",
                    "--eval.judge_sample_size", "64", "--tune.lr", "[1e-4, 1e-2]"]

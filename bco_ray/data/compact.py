@@ -3,11 +3,12 @@
     bco-ray compact --serve.feedback_log s3://bucket/feedback        # every day before today (UTC)
     bco-ray compact --compact.input ./runs/demo/feedback --compact.until 2026-12-01
 
-The serve stage commits a file every `serve.feedback_flush_rows` rows or
-`serve.feedback_flush_seconds`: a year of traffic is hundreds of thousands of small files, and
-each `prepare` lists and opens every one. Per day partition (`date=YYYY-MM-DD/`) and prompt kind
-(text or chat: two schemas), the files the writer made (`feedback-*-{kind}.parquet`, and the
-output of an earlier compaction) become files of up to `compact.max_rows_per_file` rows each.
+The serve stage commits files as often as every `serve.log_commit_seconds` under load: a year
+of traffic is millions of small files, and each `prepare` lists and opens every one. Per log
+(feedback, and the served log under `_served/`), day partition (`date=YYYY-MM-DD/`) and prompt
+kind (text or chat: two schemas), the files the writer made (`feedback-*-{kind}.parquet`,
+`served-*-{kind}.parquet`, and the output of an earlier compaction) become files of up to
+`compact.max_rows_per_file` rows each.
 Files of other names are never touched. Only days before `compact.until` are compacted: the
 writer may still be adding to today's.
 
@@ -38,9 +39,11 @@ import pyarrow.parquet as pq
 
 from bco_ray import console, storage
 from bco_ray.config import Config, to_dict
+from bco_ray.data.normalise import SERVED
 from bco_ray.errors import UserError
 
-OURS = re.compile(r"^(feedback|compacted)-.*-(text|chat)\.parquet$")
+OURS = re.compile(r"^(feedback|served|compacted)-.*-(text|chat)\.parquet$")
+SUBLOGS = ("", SERVED)  # the feedback log at the root, the served log under _served/
 JOURNALS = "_compaction"
 
 
@@ -51,18 +54,19 @@ def log_uri(cfg: Config) -> str:
 def plan(fs: pafs.FileSystem, root: str, until: str, max_rows: int, min_files: int) -> tuple[list[dict], list[dict]]:
     """(groups, unreadable): the groups of input files to merge, each {day, kind, inputs:
     [(path, rows)]}, and the files left alone because their footer could not be read."""
-    by_day_kind: dict[tuple[str, str], list[str]] = {}
+    by_day_kind: dict[tuple[str, str, str], list[str]] = {}
     for info in fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True)):
         if info.type != pafs.FileType.File:
             continue
         rel = info.path[len(root):].strip("/").split("/")
         m = OURS.match(rel[-1])
         day = storage.partition_value(info.path[len(root):], "date")
-        if not m or not day or len(rel) != 2 or day >= until:
+        sub = "/".join(rel[:-2])
+        if not m or not day or len(rel) < 2 or sub not in SUBLOGS or day >= until:
             continue
-        by_day_kind.setdefault((day, m.group(2)), []).append(info.path)
+        by_day_kind.setdefault((sub, day, m.group(2)), []).append(info.path)
     groups, unreadable = [], []
-    for (day, kind), files in sorted(by_day_kind.items()):
+    for (sub, day, kind), files in sorted(by_day_kind.items()):
         sized = []
         for f in sorted(files):
             try:
@@ -76,7 +80,7 @@ def plan(fs: pafs.FileSystem, root: str, until: str, max_rows: int, min_files: i
             if f is None or (group and rows + n > max_rows):
                 # A lone file that is already as big as allowed is left as it is.
                 if len(group) >= max(2, min_files):
-                    groups.append({"day": day, "kind": kind, "inputs": group})
+                    groups.append({"log": sub, "day": day, "kind": kind, "inputs": group})
                 group, rows = [], 0
             if f is not None:
                 group.append((f, n))
@@ -91,7 +95,7 @@ def output_name(group: dict) -> str:
 
 def compact_group(fs: pafs.FileSystem, root: str, group: dict) -> dict:
     """Merge one group's files into one (see the module's steps); returns what was done."""
-    folder = storage.join(root, f"date={group['day']}")
+    folder = storage.join(root, *([group["log"]] if group.get("log") else []), f"date={group['day']}")
     name = output_name(group)
     out, journal = storage.join(folder, name), storage.join(root, JOURNALS, name + ".json")
     expected = sum(n for _, n in group["inputs"])
@@ -116,7 +120,8 @@ def compact_group(fs: pafs.FileSystem, root: str, group: dict) -> dict:
             fs.delete_file(path)
     if storage.exists(fs, journal):
         fs.delete_file(journal)
-    return {"day": group["day"], "kind": group["kind"], "files": len(group["inputs"]), "rows": expected,
+    return {"log": group.get("log", ""), "day": group["day"], "kind": group["kind"],
+            "files": len(group["inputs"]), "rows": expected,
             "output": out}
 
 
@@ -130,7 +135,7 @@ def finish_journals(fs: pafs.FileSystem, root: str) -> list[dict]:
             continue
         j = json.loads(storage.read_bytes(fs, info.path))
         if storage.exists(fs, j["output"]):
-            done.append(compact_group(fs, root, {"day": j["day"], "kind": j["kind"],
+            done.append(compact_group(fs, root, {"log": j.get("log", ""), "day": j["day"], "kind": j["kind"],
                                                  "inputs": [tuple(x) for x in j["inputs"]]}))
         else:
             fs.delete_file(info.path)

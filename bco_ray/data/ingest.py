@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 
 from bco_ray import console, storage
 from bco_ray.config import Config, redacted
+from bco_ray.data.join import join_served
 from bco_ray.data.normalise import (
     NORMALISED_SCHEMA,
     REASONS,
@@ -283,6 +284,11 @@ def _prepare(cfg: Config) -> dict:
     ds = ray.data.from_items(units, override_num_blocks=len(units))
     ds = ds.map_batches(_read_normalise, fn_kwargs={"cfg": cfg}, batch_size=1, batch_format="numpy", **remote)
     ds.write_parquet(path("_stage1"), filesystem=fs, partition_cols=["status"], ray_remote_args=remote)
+    # Feedback the server logged without its answer: joined to the served log by id.
+    joined = join_served(cfg, fs, path("_stage1"), cpus)
+    if joined["events"]:
+        console.say(f"[prepare] {joined['events']} feedback event(s) joined to the served log "
+                    f"({joined['served_files']} file(s) of {len(joined['days'])} day(s))")
 
     # Pass 2: dedup / conflicts, tokenize, split.
     console.status("pass 2/3: dedup + tokenize + split")
@@ -311,12 +317,12 @@ def _prepare(cfg: Config) -> dict:
     udm_report = {"enabled": cfg.udm.enabled}
     if storage.exists(fs, path("_stage2", "status=ok")):
         kept = storage.read_parquet(path("_stage2", "status=ok"), fs, cpus).drop_columns(
-            ["reason", "raw", "duplicate_of", "pair_key", "vote_key", "voted_at"])
+            ["reason", "raw", "duplicate_of", "pair_key", "vote_key", "voted_at", "served_key"])
         kept, udm_report = fit_and_weigh(kept, cfg, fs, path("udm"))
         kept.write_parquet(path("data"), filesystem=fs, ray_remote_args=remote)
         udm_report = diagnostics(cfg, fs, path("data"), path("udm"), udm_report)
 
-    manifest = _manifest(cfg, fs, out, rows_read, files, bad_files, udm_report, time.time() - t0)
+    manifest = _manifest(cfg, fs, out, rows_read, files, bad_files, udm_report, time.time() - t0, joined)
     for sub in ("_stage1", "_stage2"):  # _stage2 is absent when pass 1 kept no row
         if storage.exists(fs, path(sub)):
             fs.delete_dir(path(sub))
@@ -335,7 +341,7 @@ def nothing_kept(manifest: dict, quarantine: str) -> UserError:
                      exit_code=1)
 
 
-def _manifest(cfg, fs, out, rows_read, files, bad_files, udm_report, seconds) -> dict:
+def _manifest(cfg, fs, out, rows_read, files, bad_files, udm_report, seconds, joined) -> dict:
     ic = cfg.ingest
     stage1 = count_rows(fs, storage.join(out, "_stage1"))
     kept = count_rows(fs, storage.join(out, "data"))
@@ -368,7 +374,7 @@ def _manifest(cfg, fs, out, rows_read, files, bad_files, udm_report, seconds) ->
         "deduplicated": dedup, "quarantine_reasons": dict(sorted(reasons.items())),
         "reason_help": {k: REASONS[k] for k in sorted(reasons) if k in REASONS},
         "kept_by_split_label": dict(sorted(per_split_label.items())), "tokens": lengths,
-        "udm": udm_report, "seconds": round(seconds, 1), "config": redacted(cfg),
+        "served_join": joined, "udm": udm_report, "seconds": round(seconds, 1), "config": redacted(cfg),
     }
     if stage1 != kept + quarantined + dedup:  # the accounting invariant; a failure is a bug
         raise RuntimeError(f"row accounting broken: examples {stage1} != kept {kept} + quarantined "

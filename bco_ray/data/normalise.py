@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import re
+import uuid
 from collections.abc import Iterable
 
 import pyarrow as pa
@@ -35,6 +36,7 @@ REASONS = {
     "control_token_in_content": "a message spells a control token and the chat template rewrites content",
     "conflicting_labels": "the same (prompt, completion) has both labels (ingest.conflicts)",
     "unreadable_row_group": "the row group's pages cannot be decoded (a corrupt file whose footer reads)",
+    "completion_not_served": "feedback for a completion id that the served log (_served/ of its day) does not hold",
 }
 
 ROLES = {"system", "user", "assistant", "tool", "developer"}
@@ -45,6 +47,8 @@ NORMALISED_SCHEMA = pa.schema([
     ("prompt", pa.string()), ("prompt_messages", pa.string()), ("completion", pa.string()),
     ("label", pa.bool_()), ("pair_id", pa.string()), ("pair_key", pa.int64()),
     ("vote_key", pa.string()), ("voted_at", pa.string()),
+    # a feedback event's answer in the served log (status 'pending' until `prepare` joins it)
+    ("served_key", pa.string()),
 ])
 
 # The serve stage's feedback log (bco_ray/serve/feedback_log.py) names each vote: one per
@@ -61,6 +65,43 @@ def vote_of(row: dict) -> tuple[str | None, str | None]:
     at = row.get("feedback_at")
     return f"{cid}\x1f{row.get('choice_index') or 0}\x1f{row.get('caller') or ''}", \
         (at.isoformat() if hasattr(at, "isoformat") else None if at is None else str(at))
+
+
+SERVED = "_served"  # under the feedback log: `prepare` and log readers skip names starting with _
+# The ids the server issues: the serve day, then 32 hex digits.
+COMPLETION_ID = re.compile(r"^(?:chatcmpl|cmpl)-(\d{8})-[0-9a-f]{32}$")
+
+
+def new_completion_id(prefix: str) -> str:
+    return f"{prefix}-{dt.datetime.now(dt.UTC):%Y%m%d}-{uuid.uuid4().hex}"
+
+
+def served_day(completion_id: str) -> str | None:
+    """The serve day (YYYY-MM-DD) an id of ours carries; None for any other string."""
+    m = COMPLETION_ID.match(completion_id)
+    if not m:
+        return None
+    d = m.group(1)
+    try:
+        return dt.date(int(d[:4]), int(d[4:6]), int(d[6:])).isoformat()
+    except ValueError:
+        return None
+
+
+def served_key(completion_id: str, index) -> str:
+    return f"{completion_id}\x1f{index or 0}"
+
+
+def event_of(row: dict, cfg: IngestConfig) -> str | None:
+    """The served-log key of a feedback event: feedback the server wrote without its answer
+    (it no longer remembered it), so no prompt and no completion. None for any other row."""
+    cid = row.get("completion_id")
+    if not isinstance(cid, str) or not cid:
+        return None
+    if row.get(cfg.prompt_column) is not None or row.get(cfg.completion_column) is not None:
+        return None
+    return served_key(cid, row.get("choice_index"))
+
 
 _MODIFIERS = re.compile("[\U0001f3fb-\U0001f3ff\ufe0f]")  # emoji skin tones, variation selector
 
@@ -239,6 +280,13 @@ def normalise_row(row: dict, fmt: str | None, cfg: IngestConfig, vocab: LabelVoc
             prompt, messages = _prompt(msgs[:-1])
             completion = text_field(msgs[-1]["content"], "completion")
         else:
+            key = event_of(row, cfg)
+            if key is not None:  # its answer comes from the served log (`join_served`)
+                ex = {"status": "pending", "reason": None, "raw": raw_json(row), "prompt": None,
+                      "prompt_messages": None, "completion": None, "label": vocab(row.get(cfg.label_column)),
+                      "pair_id": None, "pair_key": None, "served_key": key}
+                ex["vote_key"], ex["voted_at"] = vote_of(row)
+                return [ex]
             prompt, messages = _prompt(row.get(cfg.prompt_column))
             completion = _completion_text(row.get(cfg.completion_column))
         label = vocab(row.get(cfg.label_column))
@@ -251,6 +299,23 @@ def normalise_row(row: dict, fmt: str | None, cfg: IngestConfig, vocab: LabelVoc
         return [{"status": "quarantined", "reason": r.reason, "raw": raw, "prompt": None,
                  "prompt_messages": None, "completion": None, "label": None, "pair_id": None,
                  "pair_key": None} for _ in range(n_out)]
+
+
+def complete_event(event: dict, served: dict | None, cfg: IngestConfig, vocab: LabelVocab) -> dict:
+    """A pending feedback event with its answer from the served log (prompt text or messages
+    JSON, completion), normalised like any row of the log; quarantined when the served log
+    has no such answer."""
+    keep = {k: event[k] for k in ("row_id", "source", "day")}
+    if served is None:
+        return {**keep, "status": "quarantined", "reason": "completion_not_served", "raw": event["raw"],
+                "prompt": None, "prompt_messages": None, "completion": None, "label": None, "pair_id": None,
+                "pair_key": None}
+    row = json.loads(event["raw"])
+    messages = served.get("s_messages")
+    row[cfg.prompt_column] = json.loads(messages) if messages is not None else served.get("s_prompt")
+    row[cfg.completion_column] = served.get("s_completion")
+    (ex,) = normalise_row(row, "unpaired", cfg, vocab)
+    return {**ex, **keep}
 
 
 def normalise_table(table: pa.Table, source: str, file_id: str, row_group: int,

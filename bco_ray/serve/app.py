@@ -1,9 +1,7 @@
-"""The OpenAI-compatible HTTP API on Ray Serve, and the feedback log behind it.
-
-Two deployments: `OpenAIServer` (FastAPI ingress + the model; replicas scale together) and
-`FeedbackLog` (one replica: remembers what every server replica answered, so feedback to
-any replica finds its completion, and writes the parquet log; flushes on shutdown).
-The request/response shapes are OpenAI's; errors use OpenAI's JSON error body.
+"""The OpenAI-compatible HTTP API on Ray Serve: `OpenAIServer` (FastAPI ingress + the model;
+replicas scale together), bound to the `FeedbackLog` deployment (bco_ray/serve/log_replica.py)
+that logs every answer and every thumbs. The request/response shapes are OpenAI's; errors use
+OpenAI's JSON error body.
 
 No `from __future__ import annotations` here: Serve ships the routes to replicas with
 cloudpickle, by value, keeping only the globals a function body uses. A string annotation
@@ -19,13 +17,13 @@ import json
 import os
 import threading
 import time
-import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
 from bco_ray.config import Config, from_dict
+from bco_ray.data.normalise import new_completion_id
 from bco_ray.serve.generate import Sampling
 
 
@@ -46,55 +44,6 @@ app = FastAPI(title="bco-ray", docs_url=None, redoc_url=None)
 @app.exception_handler(APIError)
 async def _api_error(_: Request, e: APIError):
     return JSONResponse(error_body(e), status_code=e.status)
-
-
-# ---------------------------------------------------------------------------- feedback
-
-# graceful_shutdown_timeout_s: the shutdown hook's final write to S3 gets a minute, not Serve's 20 s.
-@serve.deployment(num_replicas=1, max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0.1},
-                  graceful_shutdown_timeout_s=60)
-class FeedbackLog:
-    def __init__(self, uri: str, storage: dict, flush_rows: int, flush_seconds: float, max_served: int):
-        from bco_ray.config import StorageConfig
-        from bco_ray.serve.feedback_log import FeedbackWriter
-
-        self.writer = FeedbackWriter(uri, StorageConfig(**storage), flush_rows, flush_seconds, max_served)
-        self.stop = threading.Event()
-        threading.Thread(target=self._timer, daemon=True).start()
-
-    def _timer(self) -> None:
-        while not self.stop.wait(0.5):
-            if self.writer.due():
-                try:
-                    self.writer.flush()
-                except Exception as e:  # noqa: BLE001 - kept in the buffer; retried next tick
-                    print(f"[serve] feedback flush failed, will retry: {e}", flush=True)
-
-    def record(self, completion_id: str, prompt, completions: list[str], model: str, version: str) -> None:
-        self.writer.record(completion_id, prompt, completions, model, version)
-
-    def feedback(self, completion_id: str, thumbs_up: bool, comment: str | None, index: int,
-                 caller: str = "anonymous") -> dict:
-        from bco_ray.serve.feedback_log import UnknownCompletion
-
-        try:
-            row = self.writer.feedback(completion_id, thumbs_up, comment, index, caller)
-        except UnknownCompletion:
-            return {"error": "unknown"}
-        except IndexError as e:
-            return {"error": "index", "message": str(e)}
-        return {"ok": True, "label": row["label"]}
-
-    def flush(self) -> int:
-        return self.writer.flush()
-
-    def stats(self) -> dict:
-        return {"written": self.writer.written, "buffered": len(self.writer.buffer), "served": len(self.writer.served)}
-
-    def __del__(self):
-        # Serve calls this on graceful shutdown: nothing buffered is lost.
-        self.stop.set()
-        self.writer.close()
 
 
 # ---------------------------------------------------------------------------- the API
@@ -331,7 +280,7 @@ class OpenAIServer:
         chunk's choice otherwise (i None: the opening chunk)."""
         s, n = _sampling(body, self.cfg.serve.max_tokens_limit)
         self._fit(ids, s)
-        cid, created = f"{prefix}-{uuid.uuid4().hex}", int(time.time())
+        cid, created = new_completion_id(prefix), int(time.time())
         head = {"id": cid, "object": obj, "created": created, "model": self.name}
         if not body.get("stream"):
             outs = await self._complete(ids, s, n)
@@ -356,12 +305,24 @@ class OpenAIServer:
                                code="engine_error")
                 yield f"data: {json.dumps(error_body(err))}\n\n"
                 return
-            await self._remember(cid, logged_prompt, texts)
+            try:
+                await self._remember(cid, logged_prompt, texts)
+            except APIError as e:  # not in the served log: no [DONE], the client retries
+                yield f"data: {json.dumps(error_body(e))}\n\n"
+                return
             yield "data: [DONE]\n\n"
         return StreamingResponse(events(), media_type="text/event-stream")
 
     async def _remember(self, cid: str, prompt, texts: list[str]) -> None:
-        await self.feedback_log.record.remote(cid, prompt, texts, self.name, self.version)
+        """The answer on storage in the served log before it is sent: else 503."""
+        try:
+            durable = await self.feedback_log.record.remote(cid, prompt, texts, self.name, self.version)
+        except Exception as e:  # noqa: BLE001 - the log's replica died or restarts: not sent, say so
+            raise APIError(503, f"the served log is unavailable ({type(e).__name__}); retry", "server_error",
+                           code="log_unavailable") from None
+        if not durable:
+            raise APIError(503, "the served log's storage is not answering; retry", "server_error",
+                           code="log_unavailable")
 
     @staticmethod
     def _usage(prompt_tokens: int, counts: list[int]) -> dict:
@@ -443,10 +404,18 @@ class OpenAIServer:
         # Who voted, as a hash of the key: one vote per caller and answer counts (`prepare`).
         key = _bearer(request)
         caller = hashlib.sha256(key).hexdigest()[:16] if key and self.keys else "anonymous"
-        res = await self.feedback_log.feedback.remote(cid, label, comment, index, caller)
+        try:
+            res = await self.feedback_log.feedback.remote(cid, label, comment, index, caller)
+        except Exception as e:  # noqa: BLE001 - the log's replica died or restarts: not recorded
+            raise APIError(503, f"the feedback log is unavailable ({type(e).__name__}); retry", "server_error",
+                           code="log_unavailable") from None
         if res.get("error") == "unknown":
-            raise APIError(404, f"no served completion with id '{cid}' (unknown, or forgotten)", param="id",
+            raise APIError(404, f"'{cid[:80]}' is not a completion id this server issued", param="id",
                            code="completion_not_found")
+        if res.get("error") == "storage":
+            raise APIError(503, "the feedback log's storage is not answering; retry", "server_error",
+                           code="log_unavailable")
         if res.get("error"):
             raise APIError(400, res["message"], param="index")
-        return {"object": "feedback", "id": cid, "label": res["label"], "recorded": True}
+        # joined false: the server no longer remembers the answer; `prepare` joins it by id.
+        return {"object": "feedback", "id": cid, "label": res["label"], "recorded": True, "joined": res["joined"]}

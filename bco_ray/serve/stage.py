@@ -41,7 +41,8 @@ def build_app(cfg: Config):
 
     from bco_ray.assets import model_fingerprint
     from bco_ray.score.stage import choose_backend
-    from bco_ray.serve.app import FeedbackLog, OpenAIServer, key_digests_of, usable_keys
+    from bco_ray.serve.app import OpenAIServer, key_digests_of, usable_keys
+    from bco_ray.serve.log_replica import FeedbackLog
 
     sc = cfg.serve
     model_uri = sc.model or cfg.train.export or storage.join(cfg.run.run_dir, "model")
@@ -66,7 +67,7 @@ def build_app(cfg: Config):
     if not storage.is_s3(feedback):
         feedback = os.path.abspath(feedback)  # the log's replica has its own working dir
     log = FeedbackLog.bind(feedback, to_dict(cfg.storage),
-                           sc.feedback_flush_rows, sc.feedback_flush_seconds, sc.served_cache_size)
+                           sc.log_commit_seconds, sc.log_commit_timeout_s, sc.served_cache_size)
     server = OpenAIServer.options(max_ongoing_requests=sc.max_ongoing_requests,
                                   max_queued_requests=sc.max_queued_requests,
                                   ray_actor_options={"num_cpus": sc.cpus_per_replica, "num_gpus": gpus},
