@@ -63,7 +63,7 @@ def vote_of(row: dict) -> tuple[str | None, str | None]:
     if not isinstance(cid, str) or not cid:
         return None, None
     at = row.get("feedback_at")
-    return f"{cid}\x1f{row.get('choice_index') or 0}\x1f{row.get('caller') or ''}", \
+    return f"{served_key(cid, row.get('choice_index'))}\x1f{row.get('caller') or ''}", \
         (at.isoformat() if hasattr(at, "isoformat") else None if at is None else str(at))
 
 

@@ -34,6 +34,11 @@ class APIError(Exception):
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
 
 
+def _log_unavailable(what: str) -> APIError:
+    """A row that could not be put on storage: 503, so the client retries (nothing was acknowledged)."""
+    return APIError(503, f"{what}; retry", "server_error", code="log_unavailable")
+
+
 def error_body(e: APIError) -> dict:
     return {"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}}
 
@@ -318,11 +323,9 @@ class OpenAIServer:
         try:
             durable = await self.feedback_log.record.remote(cid, prompt, texts, self.name, self.version)
         except Exception as e:  # noqa: BLE001 - the log's replica died or restarts: not sent, say so
-            raise APIError(503, f"the served log is unavailable ({type(e).__name__}); retry", "server_error",
-                           code="log_unavailable") from None
+            raise _log_unavailable(f"the served log is unavailable ({type(e).__name__})") from None
         if not durable:
-            raise APIError(503, "the served log's storage is not answering; retry", "server_error",
-                           code="log_unavailable")
+            raise _log_unavailable("the served log's storage is not answering")
 
     @staticmethod
     def _usage(prompt_tokens: int, counts: list[int]) -> dict:
@@ -407,14 +410,12 @@ class OpenAIServer:
         try:
             res = await self.feedback_log.feedback.remote(cid, label, comment, index, caller)
         except Exception as e:  # noqa: BLE001 - the log's replica died or restarts: not recorded
-            raise APIError(503, f"the feedback log is unavailable ({type(e).__name__}); retry", "server_error",
-                           code="log_unavailable") from None
+            raise _log_unavailable(f"the feedback log is unavailable ({type(e).__name__})") from None
         if res.get("error") == "unknown":
             raise APIError(404, f"'{cid[:80]}' is not a completion id this server issued", param="id",
                            code="completion_not_found")
         if res.get("error") == "storage":
-            raise APIError(503, "the feedback log's storage is not answering; retry", "server_error",
-                           code="log_unavailable")
+            raise _log_unavailable("the feedback log's storage is not answering")
         if res.get("error"):
             raise APIError(400, res["message"], param="index")
         # joined false: the server no longer remembers the answer; `prepare` joins it by id.
