@@ -93,6 +93,12 @@ def main(argv: list[str] | None = None) -> int:
         bad = [e for e in args.env if "=" not in e]
         if bad:
             parser.error(f"--env needs KEY=VALUE, got {bad[0]!r}")
+        if secret := next((a for a in rest if a.lstrip("-").split("=", 1)[0] in SECRET_KEYS), None):
+            # A job's entrypoint is shown by `ray job list` and the dashboard to anyone who can reach it.
+            print(f"bco-ray: config error: {secret.split('=', 1)[0]} would travel in the job's command line; give "
+                  "the cluster the secret instead (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or BCO_RAY_API_KEYS "
+                  "from a Kubernetes secret, or an IAM role)", file=sys.stderr)
+            return 2
         return submit(args.address, args.config, rest, args.working_dir, args.pip,
                       env=dict(e.split("=", 1) for e in args.env), follow=not args.no_follow)
     from bco_ray import console
@@ -176,9 +182,10 @@ def _finish(con, cfg) -> None:
 def _run(command: str, cfg) -> int:
     import json
 
-    from bco_ray import preflight
+    from bco_ray import preflight, storage
     from bco_ray.raycluster import init_ray
 
+    cfg = storage.credentials_to_environment(cfg)  # before Ray starts: its workers inherit the environment
     if command == "assets":
         from bco_ray import assets
 

@@ -19,6 +19,7 @@ from bco_ray.config import Config, redacted, to_dict
 from bco_ray.errors import first_line
 from bco_ray.raycluster import init_ray
 from bco_ray.report import write_report
+from bco_ray.storage import credentials_to_environment
 
 
 def stage_assets(cfg: Config, run_dir: Path) -> dict:
@@ -210,6 +211,7 @@ def align(cfg: Config) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "manifest.json"
     previous = json.loads(path.read_text()).get("stages", {}) if path.exists() else {}
+    cfg = credentials_to_environment(cfg)
     init_ray(cfg.ray)
     # Stages not reached yet keep their previous entries (a crash before them must not make
     # the next run redo them; their keys are checked again anyway).
@@ -218,7 +220,9 @@ def align(cfg: Config) -> dict:
     keys: dict = {}
     console.say(f"[bco-ray] {ray_description(cfg)}")
     t_start = time.time()
-    for name, fn in STAGES:
+    names = [n for n, _ in STAGES]
+    last = names.index(cfg.run.stop_after) + 1 if cfg.run.stop_after else len(STAGES)
+    for name, fn in STAGES[:last]:
         t0 = time.time()
         key = keys[name] = stage_key(name, cfg, keys)
         before = previous.get(name, {})

@@ -19,6 +19,14 @@ COMMAND_STAGES = {"align": ("assets", "prepare", "score-ref", "train", "eval", "
                   "tune": ("prepare", "score-ref", "train", "eval")}
 
 
+def stages_of(cfg: Config, command: str) -> tuple[str, ...]:
+    """The stages a command will run (align: up to run.stop_after)."""
+    stages = COMMAND_STAGES.get(command, ())
+    if command == "align" and cfg.run.stop_after:
+        stages = stages[:stages.index(cfg.run.stop_after) + 1]
+    return stages
+
+
 def check_models(cfg: Config, stages: tuple[str, ...]) -> None:
     """Every model the stages load is a bundled alias or a local HF directory."""
     from bco_ray.assets import ALIASES
@@ -162,7 +170,7 @@ def check_auth(cfg: Config) -> None:
 
 
 def check_before_ray(cfg: Config, command: str) -> None:
-    stages = COMMAND_STAGES.get(command, ())
+    stages = stages_of(cfg, command)
     if "prepare" in stages and not (command == "tune" and cfg.train.input):  # tune on given data reads no log
         from bco_ray.data.ingest import check_input
 
@@ -180,4 +188,4 @@ def check_before_ray(cfg: Config, command: str) -> None:
 def check_after_ray(cfg: Config, command: str) -> None:
     import ray
 
-    check_gpus(cfg, COMMAND_STAGES.get(command, ()), ray.cluster_resources())
+    check_gpus(cfg, stages_of(cfg, command), ray.cluster_resources())

@@ -41,6 +41,11 @@ def loopback_env() -> None:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
+def joins_cluster(cfg: RayConfig) -> bool:
+    """Whether init_ray joins a running cluster (rather than starting a local one)."""
+    return bool(cfg.address or os.environ.get("RAY_ADDRESS"))
+
+
 def init_ray(cfg: RayConfig):
     """Join `cfg.address`, or start a local loopback cluster. Returns the ray module.
 
@@ -55,7 +60,7 @@ def init_ray(cfg: RayConfig):
 
     if ray.is_initialized():
         return ray
-    if cfg.address or os.environ.get("RAY_ADDRESS"):
+    if joins_cluster(cfg):
         # Inside `ray job submit` the job supervisor sets RAY_ADDRESS: join that cluster.
         ray.init(address=cfg.address or "auto", log_to_driver=not console.quiet())
         console.quiet_ray_data()

@@ -7,14 +7,16 @@ environment variables and credential chain. Filesystems pickle, so Ray tasks get
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import os
 import posixpath
+import sys
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
-from bco_ray.config import StorageConfig
+from bco_ray.config import Config, StorageConfig
 from bco_ray.errors import UserError
 
 
@@ -42,6 +44,37 @@ def filesystem(uri: str, cfg: StorageConfig) -> tuple[pafs.FileSystem, str]:
         kwargs["access_key"] = cfg.access_key_id
         kwargs["secret_key"] = cfg.secret_access_key
     return pafs.S3FileSystem(**kwargs), (parsed.netloc + parsed.path).rstrip("/")
+
+
+CREDENTIAL_ENV = {"access_key_id": "AWS_ACCESS_KEY_ID", "secret_access_key": "AWS_SECRET_ACCESS_KEY"}
+
+
+def credentials_to_environment(cfg: Config) -> Config:
+    """Storage keys given in the config, moved to this process's environment and out of the
+    config, so that no task argument, pickled filesystem or deployment argument carries them.
+
+    Workers read credentials from their environment (the AWS chain). A local cluster started
+    after this call inherits it; the workers of a cluster that is joined, or already running,
+    do not, and a config key there is refused unless this environment already holds it."""
+    sc = cfg.storage
+    given = {env: getattr(sc, name) for name, env in CREDENTIAL_ENV.items() if getattr(sc, name)}
+    if not given:
+        return cfg
+    if len(given) == 1:
+        raise UserError("storage.access_key_id and storage.secret_access_key go together; only one is set",
+                        "set both, or neither and use AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or an IAM role")
+    from bco_ray.raycluster import joins_cluster
+
+    ray = sys.modules.get("ray")  # not imported here: importing Ray has to wait for loopback_env
+    if any(os.environ.get(env) != v for env, v in given.items()):
+        if (ray is not None and ray.is_initialized()) or joins_cluster(cfg.ray):
+            raise UserError("storage keys given in the config reach only the workers of a local cluster that "
+                            "bco-ray starts; this run joins a cluster whose workers cannot get them",
+                            "give the cluster's nodes the credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY "
+                            "from a Kubernetes secret, or an IAM role), or `bco-ray submit --env ...`")
+        os.environ.update(given)
+        os.environ.pop("AWS_SESSION_TOKEN", None)  # a token belongs to the keys it came with, not these
+    return dataclasses.replace(cfg, storage=dataclasses.replace(sc, access_key_id=None, secret_access_key=None))
 
 
 def join(base: str, *parts: str) -> str:

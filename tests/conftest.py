@@ -7,6 +7,11 @@ import pytest
 os.environ.setdefault("BCO_RAY_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "bco-ray-tests"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# The session's Ray cluster, like a user's, takes S3 credentials from its environment: the
+# stages give workers no key in their arguments (config.to_dict). moto accepts these keys.
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 
 
 @pytest.fixture(scope="session")

@@ -42,6 +42,29 @@ def test_shuffle_buffer_is_a_seeded_permutation(n, size, seed):
     assert a == list(shuffle_buffer(range(n), size, seed))
 
 
+def test_interleave_holds_at_most_limit_units_of_a_skewed_log():
+    """90 % thumbs-up: without a bound the ups would queue up for the whole epoch; with one,
+    at most `limit` wait, every unit comes out once, and the downs still alternate."""
+    import random
+
+    rng = random.Random(0)
+    us = [[{"label": rng.random() < 0.9, "i": i}] for i in range(5000)]
+    seen, waiting, peak = [], 0, 0
+
+    def counted(items):
+        nonlocal waiting, peak
+        for u in items:
+            waiting += 1
+            peak = max(peak, waiting - len(seen))
+            yield u
+
+    for u in interleave_labels(counted(us), limit=32):
+        seen.append(u[0]["i"])
+    assert sorted(seen) == list(range(5000)) and peak <= 33
+    small = [[{"label": x}] for x in (True, True, False, True, False, False, True)]
+    assert list(interleave_labels(small, limit=32)) == list(interleave_labels(small))  # balanced: unchanged
+
+
 def test_interleave_alternates_while_both_labels_last():
     us = [[{"label": lab}] for lab in [True, True, True, False, True, False, False]]
     assert [u[0]["label"] for u in interleave_labels(us)] == [True, False, True, False, True, False, True]

@@ -93,3 +93,59 @@ def test_local_head_script_binds_loopback():
     text = (ROOT / "cluster" / "local" / "start-head.sh").read_text()
     assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0" in text and "--node-ip-address 127.0.0.1" in text
     assert "--dashboard-host 127.0.0.1" in text
+
+
+def _70b(rel):
+    doc = load(rel)
+    spec = doc["spec"]
+    assert doc["kind"] == "RayJob" and doc["metadata"]["labels"]["kueue.x-k8s.io/queue-name"]
+    assert spec["activeDeadlineSeconds"] > 0 and spec["backoffLimit"] >= 1
+    cluster = spec["rayClusterSpec"]
+    assert cluster["rayVersion"] == RAY_PIN
+    cs, groups = containers(cluster)
+    assert all(c["image"] == cs[0]["image"] for c in cs)
+    for c in cs:
+        assert {"name": "RAY_AUTH_TOKEN", "valueFrom": {"secretKeyRef": {"name": "ray-auth-token", "key": "token"}}} \
+            in c["env"], c["name"]
+    argv = shlex.split(spec["entrypoint"])
+    assert argv[:2] == ["python", "jobs/align.py"]
+    cfg = load_config(ROOT / argv[argv.index("--config") + 1], argv[argv.index("--config") + 2:])
+    head = groups[0]["template"]["spec"]
+    mounts = {m["mountPath"]: m["name"] for m in head["containers"][0]["volumeMounts"]}
+    claims = {v["name"]: v.get("persistentVolumeClaim", {}).get("claimName") for v in head["volumes"]}
+    # The run directory (the manifest that lets a retried or a second job skip finished stages)
+    # is a volume that outlives the job's cluster.
+    run_mount = next(p for p in mounts if cfg.run.run_dir.startswith(p))
+    assert claims[mounts[run_mount]] == "bco-ray-runs"
+    assert all(uri.startswith("s3://") for uri in (cfg.ingest.output, cfg.score.output, cfg.train.storage,
+                                                   cfg.train.export))
+    return cfg, groups
+
+
+def test_the_70b_jobs_hold_gpus_only_after_prepare_and_size_every_stage_to_the_gpus():
+    prep, groups = _70b("cluster/kuberay/rayjob-70b-prepare.yaml")
+    assert prep.run.stop_after == "prepare"
+    assert not any("num-gpus" in g["rayStartParams"] for g in groups)  # a CPU-only cluster
+    assert all("nvidia.com/gpu" not in c["resources"]["limits"] for c in containers(load(
+        "cluster/kuberay/rayjob-70b-prepare.yaml")["spec"]["rayClusterSpec"])[0])
+
+    cfg, groups = _70b("cluster/kuberay/rayjob-70b.yaml")
+    assert cfg.run.stop_after is None and cfg.run.run_dir == prep.run.run_dir  # the same run: prepare is skipped
+    gpu = [g for g in groups[1:] if "num-gpus" in g["rayStartParams"]]
+    assert len(gpu) == 1 and "num-gpus" not in groups[0]["rayStartParams"]
+    g = gpu[0]
+    per_pod = int(g["rayStartParams"]["num-gpus"])
+    pod = g["template"]["spec"]
+    assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == str(per_pod) == "8"  # one pod per node
+    total = per_pod * g["replicas"]
+    assert cfg.train.num_workers == total
+    assert cfg.score.actors * cfg.score.tensor_parallel_size == total
+    assert per_pod % cfg.score.tensor_parallel_size == 0 and per_pod % cfg.serve.tensor_parallel_size == 0
+    shm = next(v for v in pod["volumes"] if v["name"] == "dshm")
+    assert shm["emptyDir"]["medium"] == "Memory"
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in pod["containers"][0]["volumeMounts"]
+    # The memory plan (bench/scale.py) says 70B training fits 80 GB GPUs at this size.
+    from bench.scale import plan
+
+    row = next(r for r in plan() if r["model"] == "70B" and r["gpus"] == total)
+    assert row["fits_80gb"] and cfg.train.meta_init and not cfg.train.cpu_offload

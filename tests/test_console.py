@@ -1,6 +1,7 @@
 """What a person reads: the console's lines and log, the summary, secrets kept out of logs."""
 
 import io
+import os
 from pathlib import Path
 
 from bco_ray.cli import redact_argv
@@ -28,6 +29,54 @@ def test_secret_overrides_are_redacted_from_the_logged_command_line():
     assert "s3cr3t" not in " ".join(red) and "AKIA123" not in " ".join(red) and "k1" not in " ".join(red)
     assert red == ["align", "--storage.secret_access_key", "***", "--storage.access_key_id=***",
                    "--serve.api_keys", "***", "--run.seed", "3"]
+
+
+def test_workers_get_no_secret_and_config_keys_move_to_the_environment(monkeypatch):
+    """What Ray tasks, actors and deployments get (to_dict) holds no secret; storage keys
+    set in the config go to the environment a local cluster inherits, and are refused when
+    the run joins a cluster whose workers could not get them."""
+    import pytest
+
+    from bco_ray.config import load_config, to_dict
+    from bco_ray.errors import UserError
+    from bco_ray.storage import credentials_to_environment
+
+    import sys
+
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "RAY_ADDRESS"):
+        monkeypatch.delenv(name, raising=False)
+    # As in a CLI process before it starts Ray (this test session's cluster may be up already).
+    monkeypatch.setitem(sys.modules, "ray", None)
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "an-old-token")
+    keys = ["--storage.access_key_id", "AKIAFAKE01", "--storage.secret_access_key", "fake/secret02"]
+    cfg = load_config(None, [*keys, "--serve.api_keys", "[fake-api-03]"])
+    flat = str(to_dict(cfg))
+    assert not any(s in flat for s in ("AKIAFAKE01", "fake/secret02", "fake-api-03"))
+    assert to_dict(cfg)["storage"]["access_key_id"] is None and to_dict(cfg)["serve"]["api_keys"] == ()
+
+    with pytest.raises(UserError, match="reach only the workers of a local cluster"):
+        credentials_to_environment(load_config(None, [*keys, "--ray.address", "127.0.0.1:6379"]))
+    assert "AWS_ACCESS_KEY_ID" not in os.environ  # nothing exported on refusal
+    with pytest.raises(UserError, match="go together"):
+        credentials_to_environment(load_config(None, keys[:2]))
+
+    moved = credentials_to_environment(cfg)
+    assert (os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"]) == ("AKIAFAKE01", "fake/secret02")
+    assert "AWS_SESSION_TOKEN" not in os.environ
+    assert moved.storage.access_key_id is None and moved.storage.secret_access_key is None
+    # Joining is fine when this environment already holds the same keys (a pod given them).
+    joined = credentials_to_environment(load_config(None, [*keys, "--ray.address", "127.0.0.1:6379"]))
+    assert joined.storage.secret_access_key is None
+
+
+def test_submit_refuses_a_secret_on_the_jobs_command_line():
+    import subprocess
+    import sys
+
+    cli = str(Path(sys.executable).parent / "bco-ray")
+    p = subprocess.run([cli, "submit", "--address", "http://127.0.0.1:9", "--storage.secret_access_key", "s3cr3t"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "would travel in the job's command line" in p.stderr and "s3cr3t" not in p.stderr
 
 
 def test_the_summary_names_every_figure_a_newcomer_looks_for():

@@ -167,6 +167,27 @@ def s3_env(endpoint, key, secret):
             "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
 
 
+def test_storage_keys_in_the_config_reach_the_workers_through_the_environment(strict_s3, tmp_path):
+    """Keys given only as config overrides, nothing in the environment: the S3 server checks
+    them, the CLI's local cluster reads the log in Ray Data workers that got no key in their
+    arguments (config.to_dict), and no file of the run, Ray's logs included, holds them."""
+    endpoint, key, secret = strict_s3
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    run_dir = tmp_path / "r"
+    p = subprocess.run([CLI, "prepare", *BASE, "--ingest.input", "s3://logs/feedback", "--run.run_dir", str(run_dir),
+                        "--storage.endpoint_url", endpoint,
+                        "--storage.access_key_id", key, "--storage.secret_access_key", secret,
+                        "--storage.region", "us-east-1"],
+                       cwd=ROOT, env={**env, "AWS_EC2_METADATA_DISABLED": "true"}, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    manifest = json.loads((run_dir / "prepared" / "manifest.json").read_text())
+    assert manifest["rows_read"] == 2 and manifest["kept"] + manifest["quarantined"] + manifest["deduplicated"] == 2
+    files = [f for f in run_dir.rglob("*") if f.is_file()]
+    assert any("ray" in str(f.relative_to(run_dir)) for f in files), files  # Ray's own logs were copied
+    assert not [str(f) for f in files if secret.encode() in f.read_bytes() or key.encode() in f.read_bytes()]
+
+
 def test_wrong_s3_credentials(strict_s3, tmp_path):
     endpoint, key, _ = strict_s3
     code, _, err = cli("prepare", *BASE, "--ingest.input", "s3://logs/feedback", "--run.run_dir", str(tmp_path / "r"),

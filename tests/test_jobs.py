@@ -134,7 +134,10 @@ def test_align_on_two_nodes_with_the_demo_config_leaks_no_secret_and_a_rerun_ski
     import pyarrow.parquet as pq
 
     secrets = ["AKIAFAKEKEYID0001", "fake/secret+access+key0002", "fake-api-key-0003", "fake-env-api-key-0004"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "BCO_RAY_API_KEYS": secrets[3]}
+    # The storage keys are in the config and, as on a pod given them, in the environment the
+    # cluster's nodes started with (a joined cluster's workers get no key otherwise).
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "BCO_RAY_API_KEYS": secrets[3],
+           "AWS_ACCESS_KEY_ID": secrets[0], "AWS_SECRET_ACCESS_KEY": secrets[1]}
     run_dir = tmp_path / "run"
     args = ["--run.run_dir", "run", "--model.policy", "tiny-llama", "--ingest.input", str(ROOT / "data" / "demo_feedback"),
             "--udm.sample_size", "256", "--train.max_steps", "4", "--train.checkpoint_every", "2",
@@ -174,10 +177,25 @@ def test_align_on_two_nodes_with_the_demo_config_leaks_no_secret_and_a_rerun_ski
     assert saved["stages"]["serve"]["usage"]["completion_tokens"] > 0
     assert (run_dir / "report" / "report.md").exists() and (run_dir / "report" / "training.png").exists()
     assert "## Evaluation" in (run_dir / "report" / "report.md").read_text()
-    assert saved["config"]["storage"]["secret_access_key"] == saved["config"]["serve"]["api_keys"] == "<redacted>"
+    assert saved["config"]["serve"]["api_keys"] == "<redacted>"
+    assert saved["config"]["storage"]["secret_access_key"] is None  # moved to the environment before Ray's tasks
     # Every file the run wrote (manifests, run card and export, MLflow store, report, logs,
     # checkpoints, the served log), searched byte by byte for every secret.
     files = [f for f in run_dir.rglob("*") if f.is_file()]
     assert len(files) > 50 and any("mlruns" in f.parts for f in files), len(files)
     leaks = [(str(f), s) for f in files for s in secrets if s.encode() in f.read_bytes()]
     assert not leaks, leaks
+
+
+def test_the_cpu_only_prepare_job_stops_after_prepare(tmp_path):
+    """What cluster/kuberay/rayjob-70b-prepare.yaml runs (jobs/align.py with
+    run.stop_after prepare): assets and prepare, nothing that needs a GPU; the manifest it
+    leaves in run_dir is what lets the GPU job skip prepare."""
+    run_dir = tmp_path / "run"
+    p = subprocess.run([sys.executable, "jobs/align.py", "--config", "configs/demo.yaml", "--model.policy", "tiny-llama",
+                        "--udm.enabled", "false", "--run.run_dir", str(run_dir), "--run.stop_after", "prepare"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    saved = json.loads((run_dir / "manifest.json").read_text())
+    assert list(saved["stages"]) == ["assets", "prepare"] and saved["stages"]["prepare"]["kept"] > 0
+    assert (run_dir / "prepared" / "manifest.json").exists() and not (run_dir / "scored").exists()

@@ -81,8 +81,10 @@ def test_two_fsdp_workers_equal_one_process_and_export_loads(scored, full, tmp_p
 def test_baselines_train_on_two_workers(scored, tmp_path, loss):
     # The test log has few complete pairs: DPO takes one pair per worker per step.
     small = ["--train.micro_batch_size", "1", "--train.grad_accum", "1"] if loss == "dpo" else []
-    card = run(scored, tmp_path, "--objective.loss", loss, "--train.max_steps", "2", *small)
+    # Each eval reads the first 6 units of the eval split only (train.eval_max_rows).
+    card = run(scored, tmp_path, "--objective.loss", loss, "--train.max_steps", "2", "--train.eval_max_rows", "6", *small)
     assert card["steps"] == 2 and all(np.isfinite(h["loss"]) for h in card["history"])
+    assert card["final_eval"]["eval/rows"] == min(6, card["data"]["eval"]["units"])
     assert card["history"][0]["loss"] == pytest.approx(np.log(2) if loss == "dpo" else 0.5, abs=1e-5)  # at init
     if loss == "dpo":
         assert card["history"][0]["rows"] == 2  # pairs, one per worker
@@ -109,6 +111,26 @@ def test_interrupted_and_resumed_run_ends_like_an_uninterrupted_one(scored, full
 
     with pytest.raises(UserError, match=r"step 4\) of a different run.*train\.lr 0\.001 -> 0\.0005.*--train\.resume force"):
         run(scored, tmp_path / "cut", "--train.lr", "5e-4", name="cut")
+
+
+@pytest.mark.parametrize("before,after", [(["--train.num_workers", "2"], ["--train.num_workers", "1", "--train.grad_accum", "4"]),
+                                          (["--train.num_workers", "1", "--train.grad_accum", "4"], ["--train.num_workers", "2"])],
+                         ids=["2-to-1", "1-to-2"])
+def test_a_checkpoint_resumes_on_another_number_of_workers(scored, full, tmp_path, before, after):
+    """A run cut after its step-2 checkpoint continues on another number of workers (the same
+    global batch of 8 rows): each worker reads its rows of every tensor from the old
+    workers' files, and the run ends as the uninterrupted 2-worker run does, within the
+    rounding that separates 1 worker from 2 (test_two_fsdp_workers_equal_one_process)."""
+    marker = str(tmp_path / "killed")
+    with pytest.raises(Exception):  # noqa: B017 - Ray's error type for a dead worker group varies
+        run(scored, tmp_path, *before, "--train.max_failures", "0", name="w", _fail_at_step=3, _fail_marker=marker)
+    resumed = run(scored, tmp_path, *after, name="w")
+    assert [h["step"] for h in resumed["history"]] == [1, 2, 3, 4]
+    for a, b in zip(resumed["history"], full["history"], strict=True):
+        for key in ("loss", "delta", "rewards/chosen", "rewards/rejected"):
+            assert a[key] == pytest.approx(b[key], rel=2e-3, abs=2e-5), (a["step"], key)
+    wa, wb = weights(full["model"]), weights(resumed["model"])
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-4
 
 
 def test_a_killed_worker_is_replaced_and_the_run_resumes_from_its_checkpoint(scored, full, tmp_path):
@@ -154,7 +176,7 @@ def test_checkpoints_and_export_on_s3_and_the_model_serves_from_there(scored, tm
     names = {i.base_name for i in fs.get_file_info(pafs.FileSelector("logs/models/m1"))}
     assert {"model.safetensors", "config.json", "tokenizer.json", "run_card.json", "README.md"} <= names
     ckpt = {i.base_name for i in fs.get_file_info(pafs.FileSelector(card["checkpoint"]))}
-    assert {"rank0.safetensors", "rank1.safetensors", "state.json"} <= ckpt  # each worker's shard, merged
+    assert {"rank0.json", "rank1.json", "rank0-00000.safetensors", "rank1-00000.safetensors", "state.json"} <= ckpt
     cfg = load_config(None, TINY + s3 + ["--model.cache_dir", str(tmp_path / "cache")])
     local = local_model_dir("s3://logs/models/m1", cfg)
     assert AutoModelForCausalLM.from_pretrained(local) is not None

@@ -19,12 +19,16 @@ import torch
 DEFAULT_CHUNK = 1024  # token rows per chunk: 1024 x 49k vocab x 4 B = 200 MB of fp32
 
 
-def _masked_rows(labels: torch.Tensor, loss_mask: torch.Tensor):
-    """Flat indices of the scored positions, their labels, and the sequence of each."""
+def _masked_rows(labels: torch.Tensor, loss_mask: torch.Tensor, seq_ids: torch.Tensor | None = None):
+    """Flat indices of the scored positions, their labels, and the sequence of each: the
+    batch row, or `seq_ids` at that position for packed sequences."""
     if labels.shape != loss_mask.shape:
         raise ValueError(f"labels {tuple(labels.shape)} and loss_mask {tuple(loss_mask.shape)} differ")
     flat = loss_mask.reshape(-1).to(torch.bool).nonzero().squeeze(-1)
-    row_of = torch.div(flat, labels.shape[-1], rounding_mode="floor")
+    if seq_ids is None:
+        row_of = torch.div(flat, labels.shape[-1], rounding_mode="floor")
+    else:
+        row_of = seq_ids.reshape(-1).index_select(0, flat).long()
     return flat, labels.reshape(-1).index_select(0, flat).long(), row_of
 
 
@@ -139,7 +143,8 @@ def _sum_per_sequence(token_logps: torch.Tensor, row_of: torch.Tensor, batch: in
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor,
-                   chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
+                   chunk_size: int = DEFAULT_CHUNK, seq_ids: torch.Tensor | None = None,
+                   n_seqs: int | None = None) -> torch.Tensor:
     """Summed log-prob of `labels` under `logits` over the positions where `loss_mask` is set.
 
     logits: (B, T, V), any float dtype; labels, loss_mask: (B, T). Returns (B,) float64
@@ -150,29 +155,31 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.
         raise ValueError(f"logits must be (batch, length, vocab), got {tuple(logits.shape)}")
     if logits.shape[:2] != labels.shape:
         raise ValueError(f"logits {tuple(logits.shape)} do not match labels {tuple(labels.shape)}")
-    rows, lab, row_of = _masked_rows(labels, loss_mask)
+    rows, lab, row_of = _masked_rows(labels, loss_mask, seq_ids)
     if lab.numel() and (int(lab.min()) < 0 or int(lab.max()) >= logits.shape[-1]):
         raise ValueError("a label under loss_mask is outside the vocabulary (padding inside the mask?)")
     tok = _TokenLogpsFromLogits.apply(logits, rows, lab, int(chunk_size))
-    return _sum_per_sequence(tok, row_of, labels.shape[0])
+    return _sum_per_sequence(tok, row_of, labels.shape[0] if seq_ids is None else n_seqs)
 
 
 def sequence_logps_from_hidden(hidden: torch.Tensor, lm_head_weight: torch.Tensor,
                                labels: torch.Tensor, loss_mask: torch.Tensor,
-                               chunk_size: int = DEFAULT_CHUNK, compiled: bool = False) -> torch.Tensor:
+                               chunk_size: int = DEFAULT_CHUNK, compiled: bool = False,
+                               seq_ids: torch.Tensor | None = None, n_seqs: int | None = None) -> torch.Tensor:
     """`sequence_logps(hidden @ lm_head_weight.T, ...)` without ever holding the logits.
 
     hidden: (B, T, H); lm_head_weight: (V, H) (a bias-free head, as in Llama/Qwen/SmolLM).
     compiled: run each chunk's math through torch.compile (worth it on GPUs).
+    seq_ids (B, T), n_seqs: packed sequences; the sums are per sequence id, (n_seqs,).
     """
     if hidden.shape[:2] != labels.shape:
         raise ValueError(f"hidden {tuple(hidden.shape)} do not match labels {tuple(labels.shape)}")
-    rows, lab, row_of = _masked_rows(labels, loss_mask)
+    rows, lab, row_of = _masked_rows(labels, loss_mask, seq_ids)
     if lab.numel() and (int(lab.min()) < 0 or int(lab.max()) >= lm_head_weight.shape[0]):
         raise ValueError("a label under loss_mask is outside the vocabulary (padding inside the mask?)")
     h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
     tok = _TokenLogpsFromHidden.apply(h, lm_head_weight, lab, int(chunk_size), bool(compiled))
-    return _sum_per_sequence(tok, row_of, labels.shape[0])
+    return _sum_per_sequence(tok, row_of, labels.shape[0] if seq_ids is None else n_seqs)
 
 
 def _plain_head(model) -> torch.Tensor | None:
@@ -187,24 +194,37 @@ def _plain_head(model) -> torch.Tensor | None:
     return head.weight
 
 
-def completion_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+def completion_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                      completion_mask: torch.Tensor, chunk_size: int = DEFAULT_CHUNK,
-                     fused_head: bool = True, compiled_head: bool = False) -> torch.Tensor:
+                     fused_head: bool = True, compiled_head: bool = False,
+                     position_ids: torch.Tensor | None = None, seq_ids: torch.Tensor | None = None,
+                     n_seqs: int | None = None) -> torch.Tensor:
     """Summed log-prob of the completion tokens of each row under a causal LM.
 
     completion_mask marks the tokens to score (completion and its EOS; not the prompt, not
     padding). Position t's output scores token t+1, hence the shift. With `fused_head` the
     decoder's hidden states go through `sequence_logps_from_hidden`; models whose head is
     not a plain bias-free linear layer fall back to full logits + `sequence_logps`.
+
+    Packed sequences (no padding): one row holding n_seqs sequences back to back, their
+    `position_ids` restarting at 0 and `seq_ids` numbering them, attention_mask None.
+    transformers then attends within each sequence only (a block-causal mask under SDPA,
+    variable-length kernels under flash attention), and the sums are per sequence.
     """
     labels = input_ids[:, 1:]
-    mask = completion_mask[:, 1:].to(torch.bool) & attention_mask[:, 1:].to(torch.bool)
+    if position_ids is None:
+        mask = completion_mask[:, 1:].to(torch.bool) & attention_mask[:, 1:].to(torch.bool)
+        ids = None
+    else:  # a position scores the next token only inside its own sequence
+        mask = completion_mask[:, 1:].to(torch.bool) & (seq_ids[:, 1:] == seq_ids[:, :-1])
+        ids = seq_ids[:, 1:]
     weight = _plain_head(model) if fused_head else None
     if weight is not None:
         # use_cache=False: a KV cache is useless here, and its per-layer state made
         # torch.compile recompile every layer until it gave up (measured on an H100).
-        hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+        hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                      use_cache=False).last_hidden_state
-        return sequence_logps_from_hidden(hidden[:, :-1], weight, labels, mask, chunk_size, compiled_head)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-    return sequence_logps(logits[:, :-1], labels, mask, chunk_size)
+        return sequence_logps_from_hidden(hidden[:, :-1], weight, labels, mask, chunk_size, compiled_head, ids, n_seqs)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                   use_cache=False).logits
+    return sequence_logps(logits[:, :-1], labels, mask, chunk_size, ids, n_seqs)

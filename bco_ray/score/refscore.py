@@ -161,8 +161,19 @@ class HFScorer:
         from bco_ray.assets import load_causal_lm
 
         torch.set_num_threads(max(1, num_threads))  # one actor per core; oversubscription is slower
-        self.model, tok = load_causal_lm(model, dtype, cache_dir, trust_remote_code)
-        self.model.eval().to("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.device_count() > 1:  # the actor's GPUs (score.num_gpus_per_actor): layers spread over them
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            from bco_ray.assets import resolve_model
+
+            path = resolve_model(model, cache_dir)
+            self.model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), device_map="auto",
+                                                              use_safetensors=True, trust_remote_code=trust_remote_code)
+            tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        else:
+            self.model, tok = load_causal_lm(model, dtype, cache_dir, trust_remote_code)
+            self.model.to("cuda" if torch.cuda.is_available() else "cpu")
+        self.model.eval()
         self.pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.batch_tokens, self.chunk_size, self.kl, self.max_length = batch_tokens, chunk_size, kl, max_length
         self.quarantine = quarantine
@@ -198,12 +209,14 @@ class VLLMScorer:
     def __init__(self, model: str, dtype: str, cache_dir: str | None, max_model_len: int, kl: bool,
                  max_length: int, gpu_memory_utilization: float = 0.85, enforce_eager: bool = False,
                  cpu_kvcache_gib: int = 1, trust_remote_code: bool = False, seed: int = 0,
-                 quarantine: QuarantineSink | None = None):
+                 quarantine: QuarantineSink | None = None, tensor_parallel_size: int = 1):
         import torch
 
         from bco_ray.assets import resolve_model
+        from bco_ray.placement import vllm_parallel_args
 
-        if not torch.cuda.is_available():
+        # With tensor parallelism this actor sees no GPU: vLLM's workers in its placement group do.
+        if not torch.cuda.is_available() and tensor_parallel_size == 1:
             for k, v in vllm_cpu_environment(cpu_kvcache_gib).items():
                 os.environ.setdefault(k, v)
         from vllm import LLM, SamplingParams
@@ -213,7 +226,7 @@ class VLLMScorer:
                        enforce_eager=enforce_eager, gpu_memory_utilization=gpu_memory_utilization,
                        trust_remote_code=trust_remote_code,
                        # a cached prefix has no prompt log-probs to return
-                       enable_prefix_caching=False)
+                       enable_prefix_caching=False, **vllm_parallel_args(tensor_parallel_size))
         self.params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
         self.kl, self.max_length, self.quarantine = kl, max_length, quarantine
 

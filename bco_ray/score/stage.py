@@ -22,6 +22,7 @@ import pyarrow.dataset as pads
 from bco_ray import console, storage
 from bco_ray.config import Config, redacted
 from bco_ray.errors import UserError
+from bco_ray.placement import DataActorPlacement
 from bco_ray.score.refscore import (
     NON_FINITE,
     TOO_LONG,
@@ -141,6 +142,14 @@ def score_reference(cfg: Config) -> dict:
     # themselves: the scored stream is written once, never split into two consumers.
     sink = QuarantineSink(out_fs, storage.join(out, "quarantine"))
     gpu_per_actor = sc.num_gpus_per_actor if sc.num_gpus_per_actor is not None else (1.0 if gpus > 0 else 0.0)
+    tp = sc.tensor_parallel_size
+    if tp > 1 and backend != "vllm":
+        raise UserError(f"score.tensor_parallel_size {tp} needs the vllm backend (score.backend {sc.backend} chose {backend})",
+                        "set score.backend: vllm, or spread the hf scorer over several GPUs with "
+                        "score.num_gpus_per_actor instead")
+    # A tensor-parallel engine holds no GPU itself: its placement group does (bco_ray.placement).
+    groups = DataActorPlacement(tp, sc.num_cpus_per_actor)
+    resources = {"num_gpus": 0, "ray_remote_args_fn": groups} if tp > 1 else {"num_gpus": gpu_per_actor}
     max_length = min(cfg.ingest.max_length, max_tokens)
     if backend == "hf":
         cls, args = HFScorer, dict(model=ref_name, dtype=dtype, cache_dir=cfg.model.cache_dir,
@@ -153,13 +162,16 @@ def score_reference(cfg: Config) -> dict:
                                      gpu_memory_utilization=sc.vllm_gpu_memory_utilization,
                                      enforce_eager=sc.vllm_enforce_eager, cpu_kvcache_gib=sc.vllm_cpu_kvcache_gib,
                                      trust_remote_code=cfg.model.trust_remote_code, seed=cfg.run.seed,
-                                     quarantine=sink)
+                                     quarantine=sink, tensor_parallel_size=tp)
     scored = ds.map_batches(_keep, fn_kwargs={"limit": max_tokens}, batch_format="pyarrow", **remote)
     scored = scored.map_batches(cls, fn_constructor_kwargs=args, batch_format="pyarrow",
                                 batch_size=batch_rows_for(rows_in, sc.actors, sc.batch_rows),
                                 compute=ray.data.ActorPoolStrategy(size=sc.actors),
-                                num_cpus=sc.num_cpus_per_actor, num_gpus=gpu_per_actor)
-    scored.write_parquet(storage.join(out, "data"), filesystem=out_fs, ray_remote_args=remote)
+                                num_cpus=sc.num_cpus_per_actor, **resources)
+    try:
+        scored.write_parquet(storage.join(out, "data"), filesystem=out_fs, ray_remote_args=remote)
+    finally:
+        groups.release()  # the GPUs go back to the cluster (training is next)
     seconds = time.time() - t0
 
     from bco_ray.data.ingest import count_rows

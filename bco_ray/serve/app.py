@@ -148,15 +148,16 @@ class OpenAIServer:
         import torch
 
         dtype = self.cfg.model.dtype
+        on_gpus = torch.cuda.is_available() or sc.tensor_parallel_size > 1  # a TP replica's GPUs are its group's
         if dtype == "auto":
-            dtype = "bfloat16" if torch.cuda.is_available() else "float32"
+            dtype = "bfloat16" if on_gpus else "float32"
         self.vllm = engine == "vllm"
         if self.vllm:
             from bco_ray.serve.generate_vllm import VLLMEngine
 
             self.engine = VLLMEngine(model_dir, dtype, sc.max_model_len, sc.vllm_gpu_memory_utilization,
                                      sc.vllm_enforce_eager, sc.vllm_cpu_kvcache_gib,
-                                     self.cfg.model.trust_remote_code, self.cfg.run.seed)
+                                     self.cfg.model.trust_remote_code, self.cfg.run.seed, sc.tensor_parallel_size)
         else:
             from bco_ray.serve.generate import HFEngine
 

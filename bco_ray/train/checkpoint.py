@@ -1,12 +1,16 @@
 """Training state as safetensors + JSON (no pickle anywhere), one file per worker.
 
-    rank{r}.safetensors   this worker's shard of the weights and AdamW moments (FSDP2;
-                          under DDP only rank 0 writes them), and its RNG states
-    state.json            step, reward shift, scheduler, data position, metrics (rank 0)
+    rank{r}-NNNNN.safetensors   this worker's rows of the weights and AdamW moments (FSDP2
+                                with several workers; otherwise rank 0 writes them whole) and
+                                its RNG states, in files of about 1 GiB
+    rank{r}.json                its files, written after them
+    state.json            step, reward shift, scheduler, data position, metrics, the
+                          number of workers and the strategy that wrote it (rank 0)
 
 Every worker writes into its own local directory and reports it; Ray Train merges the
-reports into one checkpoint directory in storage (local or S3). Resume needs the same
-number of workers and the same strategy: the shards are the workers' own slices.
+reports into one checkpoint directory in storage (local or S3). Any number of workers
+resumes it: each reads only its rows of every tensor from the files that hold them
+(bco_ray.train.weights.read_rows), so 2 -> 1 and 1 -> 2 workers continue the same run.
 """
 
 from __future__ import annotations
@@ -15,13 +19,11 @@ import json
 import os
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+
+from bco_ray.train.weights import SafetensorsDir, local, local_rows, read_rows
 
 FORMAT = "bco-ray-train-v1"
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def _named_params(policy: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
@@ -43,20 +45,40 @@ def _param_names(policy, optimizer) -> list[tuple[str, torch.nn.Parameter]]:
     return [(names[id(p)], p) for g in optimizer.param_groups for p in g["params"]]
 
 
+FILE_BYTES = 2**30  # a rank's tensors go out in files of about this size: host memory holds one
+
+
 def save(directory: str, policy, optimizer, scheduler, shift, state: dict, rank: int, world: int,
-         strategy: str) -> None:
-    """Write this worker's part of the training state into `directory` (local)."""
+         strategy: str, file_bytes: int = FILE_BYTES) -> None:
+    """Write this worker's part of the training state into `directory` (local): its tensors
+    in files of about `file_bytes` (GPU tensors are copied to the host one file at a time),
+    then rank{r}.json naming them, last."""
     os.makedirs(directory, exist_ok=True)
-    tensors: dict[str, torch.Tensor] = {"rng.cpu": torch.get_rng_state()}
+    files: list[str] = []
+    part: dict[str, torch.Tensor] = {"rng.cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
-        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+        part["rng.cuda"] = torch.cuda.get_rng_state()
+    size = 0
+
+    def flush():
+        nonlocal part, size
+        files.append(f"rank{rank}-{len(files):05d}.safetensors")
+        save_file(part, os.path.join(directory, files[-1]), metadata={"format": FORMAT})
+        part, size = {}, 0
+
     if strategy == "fsdp" or rank == 0:
         with torch.no_grad():
             for i, (name, p) in enumerate(_param_names(policy, optimizer)):
-                tensors[f"model.{name}"] = _local(p.detach()).contiguous().cpu()
-                for k, v in optimizer.state.get(p, {}).items():
-                    tensors[f"optim.{i}.{k}"] = _local(v).detach().contiguous().cpu().reshape(_local(v).shape)
-    save_file(tensors, os.path.join(directory, f"rank{rank}.safetensors"), metadata={"format": FORMAT})
+                named = {f"model.{name}": local(p.detach())}
+                named.update({f"optim.{i}.{k}": local(v).detach() for k, v in optimizer.state.get(p, {}).items()})
+                for key, t in named.items():
+                    if size and size + t.nbytes > file_bytes:
+                        flush()
+                    part[key] = t.contiguous().cpu().reshape(t.shape)
+                    size += t.nbytes
+    flush()
+    with open(os.path.join(directory, f"rank{rank}.json"), "w") as f:
+        json.dump({"format": FORMAT, "files": files}, f)
     if rank == 0:
         doc = {"format": FORMAT, "world": world, "strategy": strategy, **state,
                "reward_shift": shift.state_dict(), "scheduler": _jsonable(scheduler.state_dict())}
@@ -64,38 +86,45 @@ def save(directory: str, policy, optimizer, scheduler, shift, state: dict, rank:
             json.dump(doc, f, indent=1)
 
 
+def _rank_files(directory: str, rank: int) -> SafetensorsDir:
+    # rank{r}-NNNNN.safetensors; rank{r}.safetensors in checkpoints of earlier versions
+    return SafetensorsDir(directory, f"rank{rank}[-.]*safetensors")
+
+
 def _jsonable(sd: dict) -> dict:
     # LambdaLR keeps its lambdas as None in state_dict; the rest are numbers and lists.
     return {k: v for k, v in sd.items() if k != "lr_lambdas"}
 
 
-def load(directory: str, policy, optimizer, scheduler, shift, rank: int, world: int, strategy: str) -> dict:
-    """Restore this worker's state from a checkpoint directory; returns state.json."""
+def load(directory: str, policy, optimizer, scheduler, shift, rank: int, world: int) -> dict:
+    """Restore this worker's state from a checkpoint directory written by any number of
+    workers; returns state.json."""
     with open(os.path.join(directory, "state.json")) as f:
         doc = json.load(f)
     if doc.get("format") != FORMAT:
         raise ValueError(f"{directory} is not a bco-ray training checkpoint")
-    if (doc["world"], doc["strategy"]) != (world, strategy):
-        raise ValueError(f"the checkpoint in {directory} was written by {doc['world']} {doc['strategy']} workers; "
-                         f"resume with train.num_workers={doc['world']} and train.strategy={doc['strategy']}")
-    own = load_file(os.path.join(directory, f"rank{rank}.safetensors"))
-    weights = own if strategy == "fsdp" else load_file(os.path.join(directory, "rank0.safetensors"))
-    torch.set_rng_state(own["rng.cpu"])
-    if "rng.cuda" in own and torch.cuda.is_available():
-        torch.cuda.set_rng_state(own["rng.cuda"])
+    sharded = doc["strategy"] == "fsdp" and doc["world"] > 1
+    files = [_rank_files(directory, r) for r in range(doc["world"] if sharded else 1)]
+    if rank < doc["world"]:  # a worker the old run did not have keeps its fresh seed
+        own = _rank_files(directory, rank)
+        torch.set_rng_state(own.tensor("rng.cpu"))
+        if "rng.cuda" in own and torch.cuda.is_available():
+            torch.cuda.set_rng_state(own.tensor("rng.cuda"))
     with torch.no_grad():
         for i, (name, p) in enumerate(_param_names(policy, optimizer)):
-            _local(p).copy_(weights[f"model.{name}"].to(_local(p).device))
-            moments = {k.split(".", 2)[2]: v for k, v in weights.items() if k.startswith(f"optim.{i}.")}
-            if moments:
-                state = {}
-                for k, v in moments.items():
-                    if k == "step":
-                        state[k] = v.clone()
-                    else:
-                        t = torch.zeros_like(p)
-                        _local(t).copy_(v.to(_local(t).device))
-                        state[k] = t
+            a, b = local_rows(p)
+            local(p).copy_(read_rows(files, f"model.{name}", p.shape[0], a, b))
+            moments = sorted({k.split(".", 2)[2] for k in files[0].where if k.startswith(f"optim.{i}.")})
+            state = {}
+            for k in moments:
+                if k == "step":
+                    state[k] = files[0].tensor(f"optim.{i}.{k}")
+                else:  # into the optimizer's own tensor when it has one: no second copy of the state
+                    t = optimizer.state.get(p, {}).get(k)
+                    t = torch.zeros_like(p) if t is None else t
+                    local(t).copy_(read_rows(files, f"optim.{i}.{k}", p.shape[0], a, b))
+                    state[k] = t
+            if state:
                 optimizer.state[p] = state
     scheduler.load_state_dict({**doc["scheduler"], "lr_lambdas": [None] * len(optimizer.param_groups)})
     for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr(), strict=True):
@@ -117,16 +146,20 @@ def _checkpoint_dirs(fs, run_path: str) -> list[tuple[str, set[str]]]:
                              and i.base_name.startswith("checkpoint_")), reverse=True)]
 
 
-def latest_complete(fs, run_path: str, world: int) -> str | None:
-    """The newest checkpoint directory under a Ray Train run's storage path that holds every
-    worker's file and state.json, registered or not.
+def latest_complete(fs, run_path: str) -> str | None:
+    """The newest checkpoint directory under a Ray Train run's storage path that holds
+    state.json and the file of every worker that wrote it, registered or not.
 
     Ray Train registers a reported checkpoint when its controller processes the report; a
     worker that dies right after reporting can take the registration with it, though the
     files are complete in storage. Resuming from those files loses nothing."""
+    from bco_ray import storage
+
     for d, names in _checkpoint_dirs(fs, run_path):
-        if "state.json" in names and all(f"rank{r}.safetensors" in names for r in range(world)):
-            return d
+        if "state.json" in names:
+            world = json.loads(storage.read_bytes(fs, storage.join(d, "state.json")))["world"]
+            if all(f"rank{r}.json" in names or f"rank{r}.safetensors" in names for r in range(world)):
+                return d
     return None
 
 

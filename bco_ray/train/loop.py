@@ -1,12 +1,14 @@
 """The recipe each Ray Train worker runs: setup, resume, train loop, eval, checkpoint, export.
 
 The step itself is `bco_ray.train.step.train_step` (no Ray); the data order is
-`bco_ray.train.batching` (no Ray). This file only wires them to Ray Train: the dataset shards,
+`bco_ray.train.batching` (no Ray). Everything above `worker_loop` imports neither Ray nor
+pyarrow, so the GPU benchmarks run it on machines that have only torch and transformers. This file only wires them to Ray Train: the dataset shards,
 `ray.train.report` with the checkpoints, and the process group Ray set up.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import signal
@@ -16,10 +18,9 @@ import time
 
 import torch
 
-from bco_ray import exports, storage
 from bco_ray.config import Config, from_dict
 from bco_ray.eval import quality
-from bco_ray.train import checkpoint
+from bco_ray.train import checkpoint, weights
 from bco_ray.train.batching import epoch_batches, rank_micro_batches, units
 from bco_ray.train.objectives import RewardShift
 from bco_ray.train.step import PolicyLogps, collate, evaluate, train_step
@@ -30,32 +31,57 @@ H100_BF16_TFLOPS = 989.0
 # ---------------------------------------------------------------------------- setup
 
 def build_policy(cfg: Config, device: torch.device, world: int):
-    """The policy as the module to optimise (FSDP2- or DDP-wrapped), its LM and tokenizer."""
-    from bco_ray.assets import load_causal_lm
+    """The policy as the module to optimise (FSDP2- or DDP-wrapped), its LM and tokenizer.
+
+    With train.meta_init (and no LoRA) the model is built without weights and each worker
+    reads only its own shards from the safetensors files (bco_ray.train.weights): memory
+    N / workers at load instead of the whole float32 model on every worker."""
+    from transformers import AutoTokenizer
+
+    from bco_ray.assets import load_causal_lm, resolve_model
 
     tc = cfg.train
-    lm, tok = load_causal_lm(cfg.model.policy, "float32", cfg.model.cache_dir, cfg.model.trust_remote_code)
+    streamed = tc.meta_init and not tc.lora_r
+    model_dir = str(resolve_model(cfg.model.policy, cfg.model.cache_dir))
+    if streamed:
+        lm = weights.empty_model(model_dir, cfg.model.trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=cfg.model.trust_remote_code)
+    else:
+        lm, tok = load_causal_lm(cfg.model.policy, "float32", cfg.model.cache_dir, cfg.model.trust_remote_code)
     lm.config.use_cache = False
+    if tc.attn_implementation != "sdpa":
+        lm.set_attn_implementation(tc.attn_implementation)
     if tc.lora_r:
         lm = get_peft_model(lm, lora_config(tc))
     if tc.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    lm.to(device)
+    if not streamed:
+        lm.to(device)
     bf16 = tc.mixed_precision == "bf16" or (tc.mixed_precision == "auto" and device.type == "cuda")
     policy = PolicyLogps(lm, cfg.objective.logp_chunk_size, compiled_head=tc.compile)
     layers = lm.get_decoder().layers
     # One worker has nothing to shard or synchronise: FSDP2 around it cost 15-25 % of each CPU
     # step (65-77 against 83 tokens/s, demo model), so it trains the plain module, as DDP does.
     if tc.strategy == "fsdp" and world > 1:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.fsdp import (
+            CPUOffloadPolicy,
+            MixedPrecisionPolicy,
+            OffloadPolicy,
+            fully_shard,
+        )
 
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
             else MixedPrecisionPolicy()
+        offload = CPUOffloadPolicy() if tc.cpu_offload else OffloadPolicy()
         for layer in layers:
-            fully_shard(layer, mp_policy=mp)
-        fully_shard(policy, mp_policy=mp)
+            fully_shard(layer, mp_policy=mp, offload_policy=offload)
+        fully_shard(policy, mp_policy=mp, offload_policy=offload)
+        if streamed:  # after sharding: each rank its rows only (in host memory when offloaded)
+            weights.materialise(policy, lm, model_dir, torch.device("cpu") if tc.cpu_offload else device)
         autocast = None  # FSDP2 casts the parameters itself
     else:
+        if streamed:
+            weights.materialise(policy, lm, model_dir, device)
         autocast = torch.bfloat16 if bf16 else None
         if world > 1:
             policy = torch.nn.parallel.DistributedDataParallel(policy, device_ids=[device.index]
@@ -108,12 +134,14 @@ def _rows(shard):
         yield from b.to_pylist()
 
 
-def _eval_batches(shard, loss: str, rank: int, world: int, micro: int, eval_units: int, pad: int) -> list[dict]:
-    mine = [u for i, u in enumerate(units(_rows(shard), loss)) if i % world == rank]
+def _eval_batches(shard, loss: str, rank: int, world: int, micro: int, eval_units: int, pad: int,
+                  packed: bool = False) -> list[dict]:
+    # The first eval_units units only (train.eval_max_rows): reading stops there.
+    mine = [u for i, u in enumerate(itertools.islice(units(_rows(shard), loss), eval_units)) if i % world == rank]
     n = max(1, math.ceil(math.ceil(eval_units / world) / micro))  # equal on all ranks: FSDP gathers in lockstep
     chunks = [mine[i:i + micro] for i in range(0, len(mine), micro)]
     chunks += [[]] * (n - len(chunks))
-    return [collate([r for u in c for r in u], pad) for c in chunks]
+    return [collate([r for u in c for r in u], pad, packed) for c in chunks]
 
 
 # ---------------------------------------------------------------------------- generation check
@@ -184,8 +212,23 @@ def _gen_line(step: int, ev: dict) -> str:
 
 # ---------------------------------------------------------------------------- export
 
-def export_model(policy, lm, tok, cfg: Config, rank: int, out_dir: str) -> None:
-    """Gather the full weights (all ranks) and save them, HF format, on rank 0."""
+def export_dtype(cfg: Config, device: torch.device) -> torch.dtype:
+    """train.export_dtype; auto: the training compute dtype (bf16 on GPUs, float32 on CPUs)."""
+    name = cfg.train.export_dtype
+    if name == "auto":
+        bf16 = cfg.train.mixed_precision == "bf16" or (cfg.train.mixed_precision == "auto" and device.type == "cuda")
+        return torch.bfloat16 if bf16 else torch.float32
+    return getattr(torch, name)
+
+
+def export_model(policy, lm, tok, cfg: Config, rank: int, out_dir: str, device: torch.device) -> None:
+    """Write the model, HF format, on rank 0. Every rank joins the gathers: one tensor at a
+    time (bco_ray.train.weights.export), or the whole state at once for a LoRA model, whose
+    adapters are merged into the base weights first."""
+    checkpoint.reshard(policy)  # an eval pass leaves the root's weights gathered
+    if not cfg.train.lora_r:
+        weights.export(lm, tok, out_dir, rank, export_dtype(cfg, device), int(cfg.train.export_shard_gb * 2**30))
+        return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from transformers import AutoModelForCausalLM
 
@@ -193,15 +236,11 @@ def export_model(policy, lm, tok, cfg: Config, rank: int, out_dir: str) -> None:
     full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank != 0:
         return
-    weights = {k.removeprefix("lm."): v for k, v in full.items()}
-    fresh = AutoModelForCausalLM.from_config(lm.config, dtype=torch.float32)
-    if cfg.train.lora_r:
-        fresh = get_peft_model(fresh, lora_config(cfg.train))
-    missing, unexpected = fresh.load_state_dict(weights, strict=False)
+    fresh = get_peft_model(AutoModelForCausalLM.from_config(lm.config, dtype=torch.float32), lora_config(cfg.train))
+    missing, unexpected = fresh.load_state_dict({k.removeprefix("lm."): v for k, v in full.items()}, strict=False)
     if unexpected or [k for k in missing if "lm_head" not in k]:
         raise RuntimeError(f"export: weights do not fit the model (missing {missing}, unexpected {unexpected})")
-    if cfg.train.lora_r:
-        fresh = fresh.merge_and_unload()  # a plain model: serving needs no PEFT
+    fresh = fresh.merge_and_unload()  # a plain model: serving needs no PEFT
     fresh.config.use_cache = True
     fresh.save_pretrained(out_dir, safe_serialization=True)
     tok.save_pretrained(out_dir)
@@ -267,6 +306,7 @@ def worker_loop(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    from bco_ray import exports, storage  # pyarrow: not needed by the Ray-free parts above
     from bco_ray.train.tracking import Tracker
 
     global _CONSOLE
@@ -283,7 +323,7 @@ def worker_loop(config: dict) -> None:
     policy, lm, tok, autocast = build_policy(cfg, device, world)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=tc.lr, betas=tuple(tc.adam_betas), weight_decay=tc.weight_decay,
-                            fused=device.type == "cuda")
+                            fused=device.type == "cuda" and not tc.cpu_offload)
     total = config["total_steps"]
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tc, total))
     shift = RewardShift("pooled" if obj.delta_mode == "pooled" else "balanced", obj.delta_decay)
@@ -293,17 +333,17 @@ def worker_loop(config: dict) -> None:
     orphan = None
     if ckpt is None:
         fs, run_path = storage.filesystem(config["storage_uri"], cfg.storage)
-        orphan = checkpoint.latest_complete(fs, storage.join(run_path, tc.name), world)
+        orphan = checkpoint.latest_complete(fs, storage.join(run_path, tc.name))
     if ckpt or orphan:
         if ckpt:
             with ckpt.as_directory() as d:
-                state.update(checkpoint.load(d, policy, opt, sched, shift, rank, world, tc.strategy))
+                state.update(checkpoint.load(d, policy, opt, sched, shift, rank, world))
         else:
             import pyarrow.fs as pafs
 
             with tempfile.TemporaryDirectory() as d:
                 pafs.copy_files(orphan, d, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-                state.update(checkpoint.load(d, policy, opt, sched, shift, rank, world, tc.strategy))
+                state.update(checkpoint.load(d, policy, opt, sched, shift, rank, world))
             if rank == 0:
                 say(f"[train] {orphan}: complete but unregistered (a worker died right after reporting it)")
         if rank == 0:
@@ -340,7 +380,7 @@ def worker_loop(config: dict) -> None:
     def run_eval() -> dict:
         policy.eval()
         m = evaluate(policy, _eval_batches(eval_shard, obj.loss, rank, world, tc.micro_batch_size,
-                                           config["eval_units"], pad), shift, obj, autocast)
+                                           config["eval_units"], pad, tc.packing), shift, obj, autocast)
         checkpoint.reshard(policy)  # free the root's gathered weights; the optimizer holds the shards
         policy.train()
         m["step"] = state["step"]
@@ -363,7 +403,7 @@ def worker_loop(config: dict) -> None:
     def export(ev: dict) -> None:
         """Every rank joins the weight gather; rank 0 writes and uploads."""
         with tempfile.TemporaryDirectory() as d:
-            export_model(policy, lm, tok, cfg, rank, d)
+            export_model(policy, lm, tok, cfg, rank, d, device)
             if rank == 0:
                 exports.write(d, config["export"], cfg.storage, {"step": state["step"], "train_name": tc.name})
                 say(f"[train] exported the model at step {state['step']} to {config['export']}")
@@ -379,7 +419,7 @@ def worker_loop(config: dict) -> None:
                                                 tc.shuffle_buffer, tc.interleave_labels)):
             if k < skip:
                 continue  # replayed, not trained: the resume position is exact
-            mbs = [collate(rows, pad) for rows in rank_micro_batches(batch, rank, world, tc.grad_accum)]
+            mbs = [collate(rows, pad, tc.packing) for rows in rank_micro_batches(batch, rank, world, tc.grad_accum)]
             t0 = time.perf_counter()
             metrics = train_step(policy, opt, mbs, shift, obj, tc.max_grad_norm or None, sched, autocast)
             if device.type == "cuda":

@@ -96,8 +96,16 @@ def plan(cfg: Config, counts: dict) -> dict:
     return {"global_batch_units": g, "steps_per_epoch": spe, "total_steps": total}
 
 
+def eval_units(cfg: Config, counts: dict) -> int:
+    """Units each eval reads: the eval split's, capped by train.eval_max_rows."""
+    n = counts["eval"]["units"]
+    return n if cfg.train.eval_max_rows is None else min(n, cfg.train.eval_max_rows)
+
+
 # The train knobs that shape the trajectory; logging, eval, storage and speed knobs are not here.
-TRAJECTORY = ("num_workers", "strategy", "micro_batch_size", "grad_accum", "epochs", "max_steps", "lr",
+# The split of the global batch over workers and micro-batches is not (any number of workers
+# resumes a checkpoint): the global batch is.
+TRAJECTORY = ("epochs", "max_steps", "lr",
               "weight_decay", "adam_betas", "warmup_ratio", "schedule", "max_grad_norm", "mixed_precision",
               "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "shuffle_buffer", "interleave_labels")
 
@@ -107,7 +115,8 @@ def run_fingerprint(cfg: Config, scored_manifest: dict) -> dict:
     key: prepared files and reference), the policy, the seed, the objective and TRAJECTORY."""
     fp = {"data": scored_manifest.get("key"), "model.policy": cfg.model.policy, "run.seed": cfg.run.seed,
           **{f"objective.{k}": v for k, v in to_dict(cfg.objective).items()},
-          **{f"train.{k}": getattr(cfg.train, k) for k in TRAJECTORY}}
+          **{f"train.{k}": getattr(cfg.train, k) for k in TRAJECTORY},
+          "train.global_batch": cfg.train.micro_batch_size * cfg.train.grad_accum * cfg.train.num_workers}
     return json.loads(json.dumps(fp))  # as state.json will hold it (tuples as lists)
 
 
@@ -191,7 +200,7 @@ def train(cfg: Config, _fail_at_step: int | None = None, _fail_marker: str | Non
     sink = console.train_sink()
     trainer = TorchTrainer(
         worker_loop,
-        train_loop_config={"cfg": to_dict(cfg), **p, "console": sink.queue if sink else None, "eval_units": counts["eval"]["units"], "export": export_uri, "fingerprint": fingerprint,
+        train_loop_config={"cfg": to_dict(cfg), **p, "console": sink.queue if sink else None, "eval_units": eval_units(cfg, counts), "export": export_uri, "fingerprint": fingerprint,
                            "tracking_uri": tracking, "storage_uri": store_uri, "fail_at_step": _fail_at_step, "fail_marker": _fail_marker},
         scaling_config=ray.train.ScalingConfig(num_workers=tc.num_workers, use_gpu=use_gpu,
                                                resources_per_worker=resources, placement_strategy=tc.placement),

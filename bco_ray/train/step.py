@@ -49,13 +49,14 @@ class PolicyLogps(nn.Module):
         self.lm, self.chunk_size = lm, chunk_size
         self.fused_head, self.compiled_head = fused_head, compiled_head
 
-    def forward(self, input_ids, attention_mask, completion_mask=None, **lm_kwargs):
+    def forward(self, input_ids, attention_mask, completion_mask=None, position_ids=None, seq_ids=None,
+                n_seqs=None, **lm_kwargs):
         if completion_mask is None:
             # A plain LM call (decoding, with its KV cache): through this module, so that the
             # FSDP root's hooks gather the weights it shards (embeddings, norm, head).
             return self.lm(input_ids=input_ids, attention_mask=attention_mask, **lm_kwargs)
         return completion_logps(self.lm, input_ids, attention_mask, completion_mask,
-                                self.chunk_size, self.fused_head, self.compiled_head)
+                                self.chunk_size, self.fused_head, self.compiled_head, position_ids, seq_ids, n_seqs)
 
 
 def _pad(seqs: list, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,12 +69,25 @@ def _pad(seqs: list, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
     return out, attn
 
 
-def collate(examples: list[dict], pad_token_id: int) -> dict:
+def collate(examples: list[dict], pad_token_id: int, packed: bool = False) -> dict:
     """Right-padded tensors from examples with `input_ids` and `completion_mask` lists and
     scalar `label`, `ref_logps`; optional `weight`, `pair_id` (any id; None: unpaired) and
-    KTO's `kl_input_ids`, `kl_completion_mask`, `kl_ref_logps`."""
-    ids, attn = _pad([e["input_ids"] for e in examples], pad_token_id)
-    comp, _ = _pad([e["completion_mask"] for e in examples], 0)
+    KTO's `kl_input_ids`, `kl_completion_mask`, `kl_ref_logps`.
+
+    packed: the rows back to back in one row of exactly their tokens, with `position_ids`
+    restarting at 0 for each and `seq_ids` numbering them (no padding computed; the KL
+    inputs of KTO stay padded)."""
+    if packed and examples:
+        lengths = [len(e["input_ids"]) for e in examples]
+        cat = [t for e in examples for t in e["input_ids"]]
+        ids = torch.tensor([cat], dtype=torch.long)
+        attn = torch.ones_like(ids)
+        comp = torch.tensor([[m for e in examples for m in e["completion_mask"]]], dtype=torch.long)
+        pos = torch.cat([torch.arange(n) for n in lengths])[None]
+        seq = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])[None]
+    else:
+        ids, attn = _pad([e["input_ids"] for e in examples], pad_token_id)
+        comp, _ = _pad([e["completion_mask"] for e in examples], 0)
     out = {"input_ids": ids, "attention_mask": attn, "completion_mask": comp,
            "label": torch.tensor([bool(e["label"]) for e in examples], dtype=torch.bool),
            "ref_logps": torch.tensor([float(e["ref_logps"]) for e in examples], dtype=torch.float64)}
@@ -90,7 +104,17 @@ def collate(examples: list[dict], pad_token_id: int) -> dict:
         out["kl_input_ids"], out["kl_attention_mask"] = _pad([e["kl_input_ids"] for e in examples], pad_token_id)
         out["kl_completion_mask"], _ = _pad([e["kl_completion_mask"] for e in examples], 0)
         out["kl_ref_logps"] = torch.tensor([float(e["kl_ref_logps"]) for e in examples], dtype=torch.float64)
+    if packed and examples:
+        out["position_ids"], out["seq_ids"] = pos, seq
     return out
+
+
+def logps_of(policy: nn.Module, mb: dict) -> torch.Tensor:
+    """The policy's summed completion log-prob of each row of a padded or packed micro-batch."""
+    if "position_ids" in mb:
+        return policy(mb["input_ids"], None, mb["completion_mask"], position_ids=mb["position_ids"],
+                      seq_ids=mb["seq_ids"], n_seqs=int(mb["label"].numel()))
+    return policy(mb["input_ids"], mb["attention_mask"], mb["completion_mask"])
 
 
 def _world(group=None) -> int:
@@ -116,7 +140,7 @@ def _rows(mb: dict, loss: str) -> int:
 
 def microbatch_loss(policy: nn.Module, mb: dict, obj: ObjectiveConfig, delta: float, group=None):
     """(summed loss, rewards, labels) of one micro-batch; rewards per row (DPO: per pair)."""
-    logps = policy(mb["input_ids"], mb["attention_mask"], mb["completion_mask"])
+    logps = logps_of(policy, mb)
     label = mb["label"].to(torch.bool)
     if obj.loss == "bco":
         loss, rewards = bco_loss(logps, mb["ref_logps"], label, delta, obj.beta,

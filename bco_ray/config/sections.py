@@ -1,23 +1,11 @@
-"""Configuration: one frozen dataclass per stage, YAML files, dotted CLI overrides.
-
-    cfg = load_config("configs/demo.yaml", ["--objective.beta", "0.2", "--run.seed=3"])
-
-Every field has a default and a one-line help (`metadata["help"]`); docs/configuration.md is
-generated from them (`bco-ray config docs`). Unknown keys and wrong types are errors that
-name the field and what it accepts. A stage's config is added here when the stage is.
-"""
+"""The configuration's sections: one frozen dataclass per stage, every field a `knob` with its
+default and its one-line help (docs/configuration.md is generated from them). A stage's
+section is added here when the stage is."""
 
 from __future__ import annotations
 
-import dataclasses
-import datetime
-import types
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
-
-import yaml
 
 
 class ConfigError(ValueError):
@@ -36,6 +24,7 @@ class RunConfig:
 
     run_dir: str = knob("runs/default", "Local directory for every stage's outputs, manifests and reports.")
     seed: int = knob(0, "Seed for sampling, shuffling and initialisation; same seed, same run.")
+    stop_after: Literal["assets", "prepare", "score-ref", "train", "eval", "serve"] | None = knob(None, "align: stop after this stage (e.g. prepare on a CPU-only cluster, the GPU job then skips it); null: every stage.")
 
 
 @dataclass(frozen=True)
@@ -155,6 +144,7 @@ class ScoreConfig:
     max_nonfinite_fraction: float = knob(0.01, "Rows with a non-finite reference log-prob are quarantined (non_finite_reference_logp); more than this share of the input fails the stage (a broken reference).")
     batch_rows: int = knob(256, "Rows per Ray Data batch handed to an actor; the hf backend sorts them by length inside.")
     batch_tokens: int = knob(16384, "hf: padded tokens per forward pass (rows x longest row), the memory knob.")
+    tensor_parallel_size: int = knob(1, "vllm: GPUs per scoring engine (tensor parallelism, on one node); each actor reserves them as a placement group. 70B in bf16: 4 on 80 GB GPUs.")
     vllm_gpu_memory_utilization: float = knob(0.85, "vllm: share of GPU memory for weights + KV cache.")
     vllm_enforce_eager: bool = knob(False, "vllm: skip CUDA graphs / torch.compile (faster start, slower scoring); tests use eager.")
     vllm_cpu_kvcache_gib: int = knob(1, "vllm on CPU builds: KV cache GiB (VLLM_CPU_KVCACHE_SPACE); vLLM otherwise asks for most of the RAM.")
@@ -183,6 +173,10 @@ class TrainConfig:
     mixed_precision: Literal["auto", "bf16", "no"] = knob("auto", "bf16 compute with fp32 master weights; 'auto' is bf16 on GPUs, fp32 on CPUs.")
     gradient_checkpointing: bool = knob(False, "Recompute decoder activations in backward: less memory, ~30 % more compute.")
     compile: bool = knob(False, "torch.compile the decoder and the log-prob kernel (GPUs).")
+    attn_implementation: Literal["sdpa", "flex_attention", "flash_attention_2", "eager"] = knob("sdpa", "Attention kernels of the policy (transformers' attn_implementation). With packing, sdpa computes a dense block mask over the whole packed row; flex_attention (GPUs) and flash_attention_2 (needs flash-attn) skip the blocks between rows.")
+    packing: bool = knob(False, "Pack each micro-batch's rows back to back in one row with restarting position ids (no padding computed; attention stays inside each row): real tokens only, on variable-length feedback.")
+    cpu_offload: bool = knob(False, "FSDP2: keep the sharded weights, gradients and AdamW state in host memory and run the optimizer there; GPUs hold a gathered layer and the activations (70B on 8 GPUs; slower).")
+    meta_init: bool = knob(True, "Build the policy without weights and have each worker read only its shards from the safetensors files (load memory N / workers); false loads the whole model on every worker through transformers (LoRA always does).")
     lora_r: int = knob(0, "LoRA rank through PEFT (only adapters train; merged into the weights at export); 0: full fine-tuning.")
     lora_alpha: float = knob(16.0, "LoRA scaling numerator (the update is alpha / r x B A).")
     lora_dropout: float = knob(0.0, "Dropout on the LoRA input.")
@@ -191,6 +185,7 @@ class TrainConfig:
     shuffle_buffer: int = knob(1024, "Units (rows, DPO pairs) in the seeded shuffle buffer re-mixing each epoch after the global shuffle.")
     interleave_labels: bool = knob(False, "Alternate thumbs-up and thumbs-down rows in every global batch (BCO/KTO) so each has both labels.")
     log_every: int = knob(1, "Steps between metric lines (console, MLflow).")
+    eval_max_rows: int | None = knob(4096, "Units (rows; DPO: pairs) of the eval split each eval reads, the first in its fixed order (the same every time); null: all of it (5e6 rows a time at 1e8 rows and a 5 % split).")
     eval_every: int = knob(0, "Steps between eval passes on the eval split (delta read, never updated); 0: only at the end.")
     checkpoint_every: int = knob(50, "Steps between checkpoints (and always at the end); 0: only at the end.")
     keep_checkpoints: int = knob(2, "Checkpoints kept (the newest).")
@@ -200,6 +195,8 @@ class TrainConfig:
     name: str = knob("bco", "Run name under storage; rerunning with the same name resumes from its last checkpoint.")
     resume: Literal["auto", "force"] = knob("auto", "'auto': a checkpoint under train.name is resumed only when its data and training settings match this run's (else an error); 'force': resume it anyway, e.g. with a lower lr after a divergence.")
     export: str | None = knob(None, "Where the aligned model goes, HF format (local or s3://); null is <run_dir>/model.")
+    export_dtype: Literal["auto", "bfloat16", "float16", "float32"] = knob("auto", "Weights dtype of the export; auto: the training compute dtype (bfloat16 on GPUs, float32 on CPUs).")
+    export_shard_gb: float = knob(4.0, "Largest safetensors file of the export (GiB); more are indexed by model.safetensors.index.json. Rank 0 holds one file's worth plus one tensor while exporting.")
     export_which: Literal["final", "best"] = knob("best", "Export the last weights ('final'), or the eval with the lowest eval loss among those whose generation check passed ('best'; the last weights when none did).")
     gen_check_prompts: int = knob(16, "With eval_every: eval-split prompts the policy answers greedily at step 0 and at every eval; more looping, cut or empty answers than at step 0 (the eval gate's limits) fail that eval. 0: off.")
     gen_check_max_tokens: int = knob(48, "Longest answer of the generation check (cut answers count against the gate's eval.max_length_increase).")
@@ -277,7 +274,8 @@ class ServeConfig:
     engine: Literal["auto", "hf", "vllm"] = knob("auto", "Generation engine: 'vllm' (AsyncLLM, continuous batching) or 'hf' (transformers, @serve.batch); 'auto' is vllm when the cluster has GPUs and vLLM is installed, else hf.")
     num_replicas: int = knob(1, "Replicas of the model server (ignored when autoscaling).")
     autoscale_max_replicas: int | None = knob(None, "Enable autoscaling between 1 and this many replicas, on ongoing requests.")
-    max_ongoing_requests: int = knob(16, "Requests a replica works on at once.")
+    max_ongoing_requests: int | None = knob(None, "Requests a replica works on at once; null: 16 with hf (its batches of max_batch_size), 256 with vllm (continuous batching schedules them all).")
+    tensor_parallel_size: int = knob(1, "vllm: GPUs per replica (tensor parallelism, on one node), reserved as the replica's placement group. 70B in bf16: 4 on 80 GB GPUs.")
     max_queued_requests: int = knob(32, "Requests waiting for a replica; beyond this the server answers 503 at once instead of queueing.")
     max_model_len: int | None = knob(None, "Longest prompt + completion in tokens; null: the model's own limit.")
     vllm_gpu_memory_utilization: float = knob(0.85, "vllm: share of the replica's GPU memory for weights + KV cache.")
@@ -312,192 +310,3 @@ class Config:
     tune: TuneConfig = field(default_factory=TuneConfig, metadata={"help": "The hyperparameter sweep (bco-ray tune) on Ray Tune."})
     serve: ServeConfig = field(default_factory=ServeConfig, metadata={"help": "The OpenAI-compatible endpoint and its feedback log."})
     compact: CompactConfig = field(default_factory=CompactConfig, metadata={"help": "Merging the feedback log's small files (bco-ray compact)."})
-
-
-# ---------------------------------------------------------------------------- coercion
-
-def _describe(tp: Any) -> str:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in args)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join("null" if a is type(None) else _describe(a) for a in args)
-    if origin in (list, tuple):
-        return f"a list of {_describe(args[0]) if args else 'values'}"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """`value` (from YAML, or YAML-parsed CLI text) as type `tp`, or a ConfigError."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        for a in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(value, a, where)
-            except ConfigError:
-                pass
-    elif origin is Literal:
-        if value in args and not isinstance(value, bool):
-            return value
-        # YAML 1.1 reads an unquoted `no` (train.mixed_precision's) as false: take the choice back.
-        for a in args:
-            if isinstance(value, bool) and isinstance(a, str) and yaml.safe_load(a) is value:
-                return a
-    elif origin in (list, tuple):
-        if isinstance(value, list | tuple):
-            items = [_coerce(v, args[0], where) for v in value] if args else list(value)
-            return tuple(items) if origin is tuple else items
-    elif tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, datetime.date):  # YAML reads 2026-11-02 as a date
-            return value.isoformat()
-    raise ConfigError(f"{where}: expected {_describe(tp)}, got {value!r}")
-
-
-def _hints(cls) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _build(cls, data: Any, prefix: str):
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping of {cls.__name__} fields, got {data!r}")
-    hints = _hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in data.items():
-        where = f"{prefix}{key}"
-        if key not in names:
-            raise ConfigError(f"unknown config key '{where}'; {prefix.rstrip('.') or 'top level'} accepts: "
-                              + ", ".join(names))
-        tp = hints[key]
-        if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value, where + ".")
-        else:
-            kwargs[key] = _coerce(value, tp, where)
-    return cls(**kwargs)
-
-
-def to_dict(cfg) -> dict:
-    """Every value, secrets included: what Ray workers get. Artefacts get `redacted(cfg)`."""
-    return dataclasses.asdict(cfg)
-
-
-REDACTED = "<redacted>"
-
-
-def secret_keys() -> tuple[str, ...]:
-    """The dotted names of the secret knobs (storage keys, API keys)."""
-    cfg = Config()
-    return tuple(f"{s.name}.{f.name}" for s in dataclasses.fields(cfg) for f in dataclasses.fields(getattr(cfg, s.name))
-                 if f.metadata.get("secret"))
-
-
-def redacted(cfg) -> dict:
-    """`to_dict(cfg)` with the value of every secret knob that is set replaced by REDACTED:
-    what manifests, run cards, MLflow params, reports and logs get."""
-    out = to_dict(cfg)
-
-    def walk(obj, d: dict) -> None:
-        for f in dataclasses.fields(obj):
-            v = getattr(obj, f.name)
-            if f.metadata.get("secret") and v:
-                d[f.name] = REDACTED
-            elif dataclasses.is_dataclass(v):
-                walk(v, d[f.name])
-    walk(cfg, out)
-    return out
-
-
-def parse_overrides(argv: list[str]) -> dict:
-    """`--a.b 1 --c.d=x` -> {"a": {"b": 1}, "c": {"d": "x"}}; values are parsed as YAML."""
-    out: dict = {}
-    i = 0
-    while i < len(argv):
-        tok = argv[i]
-        if not tok.startswith("--") or len(tok) == 2:
-            raise ConfigError(f"expected an override like --section.key VALUE, got {tok!r}")
-        if "=" in tok:
-            key, raw = tok[2:].split("=", 1)
-            i += 1
-        else:
-            if i + 1 >= len(argv):
-                raise ConfigError(f"override {tok} has no value")
-            key, raw = tok[2:], argv[i + 1]
-            i += 2
-        node = out
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {key!r} conflicts with an earlier one")
-        node[leaf] = yaml.safe_load(raw) if raw != "" else ""
-    return out
-
-
-def _deep_merge(base: dict, over: dict) -> dict:
-    merged = dict(base)
-    for k, v in over.items():
-        merged[k] = _deep_merge(merged[k], v) if isinstance(v, dict) and isinstance(merged.get(k), dict) else v
-    return merged
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None, cls=Config):
-    """Defaults, then the YAML file (if any), then the dotted overrides; validated."""
-    data: dict = {}
-    if path is not None:
-        text = Path(path).read_text()
-        loaded = yaml.safe_load(text)
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
-        data = loaded or {}
-    if overrides:
-        data = _deep_merge(data, parse_overrides(overrides))
-    return _build(cls, data, "")
-
-
-def from_dict(data: dict, cls=Config):
-    """The inverse of `to_dict` (used to ship a config to Ray workers as plain data)."""
-    return _build(cls, data, "")
-
-
-def dump_yaml(cfg) -> str:
-    return yaml.safe_dump(redacted(cfg), sort_keys=False)
-
-
-def docs_markdown(cls=Config) -> str:
-    """The configuration reference (docs/configuration.md), generated from the dataclasses."""
-    lines = ["# Configuration reference", "",
-             "Generated from `bco_ray/config.py` by `bco-ray config docs`; do not edit by hand.", "",
-             "Set fields in a YAML file (`--config FILE`, one mapping per section) or on the command",
-             "line with dotted overrides, which win: `--objective.beta 0.2` or `--objective.beta=0.2`.", ""]
-    hints = _hints(cls)
-    for f in dataclasses.fields(cls):
-        sub = hints[f.name]
-        lines += [f"## `{f.name}`: {sub.__doc__.strip().splitlines()[0]}", "",
-                  "| key | type | default | meaning |", "|---|---|---|---|"]
-        sub_hints = _hints(sub)
-        for g in dataclasses.fields(sub):
-            default = yaml.safe_dump(g.default, default_flow_style=True).strip().removesuffix("...").strip()
-            lines.append(f"| `{f.name}.{g.name}` | {_describe(sub_hints[g.name])} | `{default}` | "
-                         f"{g.metadata['help']} |")
-        lines.append("")
-    return "\n".join(lines)
