@@ -35,13 +35,13 @@ def test_workers_get_no_secret_and_config_keys_move_to_the_environment(monkeypat
     """What Ray tasks, actors and deployments get (to_dict) holds no secret; storage keys
     set in the config go to the environment a local cluster inherits, and are refused when
     the run joins a cluster whose workers could not get them."""
+    import sys
+
     import pytest
 
     from bco_ray.config import load_config, to_dict
     from bco_ray.errors import UserError
     from bco_ray.storage import credentials_to_environment
-
-    import sys
 
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "RAY_ADDRESS"):
         monkeypatch.delenv(name, raising=False)

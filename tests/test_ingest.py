@@ -116,6 +116,7 @@ def test_demo_log_every_reason_and_exact_accounting(ray_local, tmp_path):
     assert {k: again[k] for k in ("kept", "quarantined", "deduplicated")} == \
         {k: m[k] for k in ("kept", "quarantined", "deduplicated")}
     assert again["udm"]["applied"] and again["udm"]["embedding_passes"] == 2, again["udm"]
+    assert 0 < again["udm"]["distinct_down_prompts"] <= again["udm"]["down_rows"]  # each distinct prompt once
     data2 = read(str(out / "data"))
     assert {r["row_id"]: r["split"] for r in data2} == {r["row_id"]: r["split"] for r in data}
     assert all(r["weight"] == 1.0 for r in data2 if r["label"])
@@ -196,3 +197,32 @@ def test_large_dirty_log_keeps_exactly_the_valid_rows(ray_local, tmp_path):
             groups.setdefault((p, c), Counter())[f in IngestConfig().true_labels] += 1
     expected = sum(1 if len(g) == 1 or g[True] != g[False] else 0 for g in groups.values())
     assert m["kept"] == expected
+
+
+def test_each_distinct_thumbs_down_prompt_is_embedded_once_and_its_weight_joined_back(ray_local):
+    """The second UDM pass: a log where thumbs-down prompts repeat (40 distinct among 300
+    rows) gets, for every row, exactly the weight that embedding that row's own prompt gives
+    (UDMWeigher row by row), with 40 prompts embedded; thumbs-up rows weigh 1."""
+    import ray
+
+    from bco_ray.assets import resolve_model
+    from bco_ray.data.udm import UDMClassifier, UDMWeigher
+    from bco_ray.data.udm_stage import weigh_distinct_prompts
+
+    rng = np.random.default_rng(0)
+    prompts = [f"How do I {verb} my {thing}?" for verb in ("reset", "change", "recover", "delete", "export")
+               for thing in ("password", "invoice", "account", "avatar", "email", "plan", "card", "data")]
+    rows = [{"row_id": f"r{i}", "prompt": prompts[int(rng.integers(len(prompts)))], "label": bool(rng.random() < 0.3)}
+            for i in range(300)]
+    table = pa.Table.from_pylist(rows)
+    model_dir = str(resolve_model("all-minilm-l6-v2"))
+    clf = UDMClassifier(coef=(rng.normal(size=384) * 0.5).tolist(), intercept=0.1, embedder="all-minilm-l6-v2",
+                        max_embed_length=64, min_density_ratio=0.5, max_density_ratio=10.0)
+    cfg = load_config(None, BASE + ["--udm.embed_batch_size", "16"])
+    weighted, n_distinct = weigh_distinct_prompts(ray.data.from_arrow(table).repartition(6), clf, model_dir, cfg)
+    got = {r["row_id"]: r["weight"] for r in weighted.take_all()}
+    assert n_distinct == len({r["prompt"] for r in rows if not r["label"]}) == 40
+    want = UDMWeigher(model_dir, clf.to_json(), batch_size=16)(table)["weight"].to_pylist()
+    assert len(got) == 300 and all(got[r["row_id"]] == 1.0 for r in rows if r["label"])
+    np.testing.assert_allclose([got[r["row_id"]] for r in rows], want, rtol=1e-5)
+    assert len({round(w, 6) for w in want}) > 10  # the weights differ by prompt: a real check

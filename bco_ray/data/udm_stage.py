@@ -1,6 +1,7 @@
 """UDM on Ray Data: sample prompts per label, embed them in an actor pool, fit the
-classifier (bco_ray.data.udm), then weigh every thumbs-down row in a second actor pool (or, for a
-log at most twice the sample, from embeddings of every prompt made in the first pass).
+classifier (bco_ray.data.udm), then weigh every distinct thumbs-down prompt once in a second
+actor pool and join the weights back to its rows (or, for a log at most twice the sample,
+from embeddings of every distinct prompt made in the first pass).
 
 Sampling is by a seeded hash of the row id, so a rerun with the same seed picks the same
 prompts on any number of workers.
@@ -60,16 +61,92 @@ def _sample(ds, counts: dict, sizes: dict, seed: int) -> dict:
 
 
 def _embed(rows: list[dict], model_dir: str, cfg: Config) -> np.ndarray:
+    """The embedding of each row's prompt; each distinct prompt is embedded once."""
     import ray
 
     uc = cfg.udm
-    out = ray.data.from_items(rows).map_batches(
+    distinct = list({r["prompt"]: None for r in rows})
+    out = ray.data.from_items([{"prompt": x} for x in distinct]).map_batches(
         PromptEmbedder, fn_constructor_kwargs={"model_dir": model_dir, "max_length": uc.max_embed_length,
                                                "batch_size": uc.embed_batch_size},
         batch_size=uc.embed_batch_size, batch_format="numpy", num_cpus=cfg.ingest.num_cpus_per_task,
         compute=ray.data.ActorPoolStrategy(size=uc.embed_actors)).take_all()
-    by_id = {r["row_id"]: np.asarray(r["embedding"]) for r in out}
-    return np.stack([by_id[r["row_id"]] for r in rows])
+    by_prompt = {r["prompt"]: np.asarray(r["embedding"]) for r in out}
+    return np.stack([by_prompt[r["prompt"]] for r in rows])
+
+
+# ---------------------------------------------------------------------------- distinct prompts
+
+def prompt_keys(prompts: list[str]) -> np.ndarray:
+    """A 64-bit key per prompt (blake2b): two of 1e7 distinct prompts share one with odds 3e-6."""
+    return np.array([int.from_bytes(hashlib.blake2b(x.encode(), digest_size=8).digest(), "big") for x in prompts],
+                    dtype=np.uint64)
+
+
+def _down_prompts(table: pa.Table) -> pa.Table:
+    """The thumbs-down rows' prompts, keyed (what the second embedding pass needs)."""
+    import pyarrow.compute as pc
+
+    down = table.filter(pc.invert(table["label"]))
+    return pa.table({"prompt_key": pa.array(prompt_keys(down["prompt"].to_pylist()), pa.uint64()),
+                     "prompt": down["prompt"], "label": pa.array(np.zeros(down.num_rows, dtype=bool))})
+
+
+def _first(group: pa.Table) -> pa.Table:
+    return group.slice(0, 1)
+
+
+def _weight_table(*parts: pa.Table) -> pa.Table:
+    """The distinct prompts' (key, weight), sorted by key for lookups."""
+    t = pa.concat_tables(parts) if parts else pa.table({"prompt_key": pa.array([], pa.uint64()),
+                                                        "weight": pa.array([], pa.float32())})
+    return t.sort_by("prompt_key")
+
+
+_WEIGHTS: dict = {}  # per worker process: the weight table of the current prepare, fetched once
+
+
+def _join_weights(table: pa.Table, ref: list) -> pa.Table:
+    """`weight` of each thumbs-down row from its prompt's entry in the weight table; 1 for the others."""
+    import ray
+
+    key = ref[0].hex()
+    if key not in _WEIGHTS:
+        _WEIGHTS.clear()
+        t = ray.get(ref[0])
+        _WEIGHTS[key] = (t["prompt_key"].to_numpy(), t["weight"].to_numpy())
+    keys, values = _WEIGHTS[key]
+    labels = table["label"].to_numpy(zero_copy_only=False).astype(bool)
+    weight = np.ones(table.num_rows, dtype=np.float32)
+    down = np.flatnonzero(~labels)
+    if len(down):
+        q = prompt_keys(table["prompt"].take(pa.array(down)).to_pylist())
+        at = np.searchsorted(keys, q)
+        if not (at < len(keys)).all() or not (keys[np.minimum(at, len(keys) - 1)] == q).all():
+            raise RuntimeError("a thumbs-down prompt has no weight: the distinct-prompt pass missed it")
+        weight[down] = values[at]
+    return table.append_column("weight", pa.array(weight))
+
+
+def weigh_distinct_prompts(ds, clf: UDMClassifier, model_dir: str, cfg: Config):
+    """(weighted dataset, distinct thumbs-down prompts): each distinct thumbs-down prompt is
+    embedded and weighed once (a groupby on its key, then the weigher's actor pool); the weights
+    go back to every row through a sorted key table in the object store, which the driver never
+    holds (D x 12 bytes: 120 MB at 1e7 distinct prompts)."""
+    import ray
+
+    uc, cpus = cfg.udm, cfg.ingest.num_cpus_per_task
+    distinct = ds.map_batches(_down_prompts, batch_format="pyarrow", num_cpus=cpus) \
+        .groupby("prompt_key").map_groups(_first, batch_format="pyarrow", num_cpus=cpus)
+    weights = distinct.map_batches(
+        UDMWeigher, fn_constructor_kwargs={"model_dir": model_dir, "classifier_json": clf.to_json(),
+                                           "batch_size": uc.embed_batch_size},
+        batch_size=uc.embed_batch_size, batch_format="pyarrow", num_cpus=cpus,
+        compute=ray.data.ActorPoolStrategy(size=uc.embed_actors)).select_columns(["prompt_key", "weight"]).materialize()
+    n_distinct = weights.count()
+    table = ray.remote(_weight_table).options(num_cpus=cpus).remote(*weights.to_arrow_refs())
+    weighted = ds.map_batches(_join_weights, fn_kwargs={"ref": [table]}, batch_format="pyarrow", num_cpus=cpus)
+    return weighted, n_distinct
 
 
 def _add_unit_weight(table: pa.Table) -> pa.Table:
@@ -84,7 +161,6 @@ def _add_weights(table: pa.Table, weights: dict) -> pa.Table:
 
 def fit_and_weigh(ds, cfg: Config, fs, udm_dir: str):
     """(dataset with a `weight` column, UDM report). Weights are 1 when UDM is off or cannot fit."""
-    import ray
 
     from bco_ray.assets import resolve_model
 
@@ -151,12 +227,12 @@ def fit_and_weigh(ds, cfg: Config, fs, udm_dir: str):
                                   num_cpus=cfg.ingest.num_cpus_per_task)
         return weighted, {"enabled": True, "applied": True, "decision": decision, "embedding_passes": 1,
                           **{k: v for k, v in clf.metrics.items() if k != "heldout_calibration"}}
-    weighted = ds.map_batches(
-        UDMWeigher, fn_constructor_kwargs={"model_dir": model_dir, "classifier_json": clf.to_json(),
-                                           "batch_size": uc.embed_batch_size},
-        batch_size=uc.embed_batch_size, batch_format="pyarrow", num_cpus=cfg.ingest.num_cpus_per_task,
-        compute=ray.data.ActorPoolStrategy(size=uc.embed_actors))
+    weighted, n_distinct = weigh_distinct_prompts(ds, clf, model_dir, cfg)
+    down_rows = sum(n for (_, label), n in counts.items() if not label)
+    console.say(f"[udm] {down_rows} thumbs-down rows, {n_distinct} distinct prompts embedded "
+                f"({1 - n_distinct / max(down_rows, 1):.0%} repeats)")
     return weighted, {"enabled": True, "applied": True, "decision": decision, "embedding_passes": 2,
+                      "down_rows": down_rows, "distinct_down_prompts": n_distinct,
                       **{k: v for k, v in clf.metrics.items() if k != "heldout_calibration"}}
 
 
