@@ -88,6 +88,8 @@ def gpu_requests(cfg: Config, stages: tuple[str, ...]) -> list[str]:
     asks = []
     if "train" in stages and cfg.train.use_gpu:
         asks.append("train.use_gpu: true")
+    if "prepare" in stages and cfg.udm.enabled and (cfg.udm.num_gpus_per_actor or 0) > 0:
+        asks.append(f"udm.num_gpus_per_actor: {cfg.udm.num_gpus_per_actor}")
     if "score-ref" in stages and (cfg.score.num_gpus_per_actor or 0) > 0:
         asks.append(f"score.num_gpus_per_actor: {cfg.score.num_gpus_per_actor}")
     if "serve" in stages and (cfg.serve.gpus_per_replica or 0) > 0:

@@ -130,6 +130,22 @@ def test_a_gpu_asked_for_where_there_is_none(tmp_path):
     assert code == 2 and "train.use_gpu: true asks for GPUs, but the Ray cluster has none" in line
 
 
+def test_every_key_that_asks_for_gpus_is_checked_against_the_cluster():
+    """The preflight names each GPU ask of the stages that will run (a GPU-less cluster would
+    leave those actors pending forever); align's run.stop_after leaves out the later stages."""
+    from bco_ray.config import load_config
+    from bco_ray.preflight import gpu_requests, stages_of
+
+    cfg = load_config(None, ["--udm.num_gpus_per_actor", "1", "--score.num_gpus_per_actor", "1",
+                             "--train.use_gpu", "true", "--serve.gpus_per_replica", "1"])
+    assert gpu_requests(cfg, stages_of(cfg, "align")) == [
+        "train.use_gpu: true", "udm.num_gpus_per_actor: 1.0", "score.num_gpus_per_actor: 1.0",
+        "serve.gpus_per_replica: 1.0"]
+    prep = load_config(None, ["--udm.num_gpus_per_actor", "1", "--score.num_gpus_per_actor", "1",
+                              "--run.stop_after", "prepare"])
+    assert gpu_requests(prep, stages_of(prep, "align")) == ["udm.num_gpus_per_actor: 1.0"]
+
+
 def test_verbose_shows_the_trace_on_the_console(tmp_path):
     code, _, err = cli("prepare", *BASE, "--ingest.input", str(tmp_path / "nope"), "--run.run_dir", str(tmp_path / "r"),
                        "--verbose")

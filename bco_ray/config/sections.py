@@ -125,6 +125,7 @@ class UDMConfig:
     l2_c: float = knob(1.0, "Inverse L2 strength of the logistic regression (sklearn's C), class-balanced.")
     max_embed_length: int = knob(256, "Prompt tokens fed to the embedder (longer prompts are truncated, not overflowed).")
     embed_batch_size: int = knob(64, "Prompts per embedder forward pass.")
+    num_gpus_per_actor: float | None = knob(None, "GPUs per embedding actor (fp16 on a GPU); null: 1 when the cluster has GPUs (prepare runs before anything else uses them), else 0.")
     embed_actors: int = knob(1, "Embedder actors in the Ray Data pool (one model each).")
 
 

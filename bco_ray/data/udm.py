@@ -114,14 +114,19 @@ def calibration(p: np.ndarray, y: np.ndarray, bins: int = 10) -> list[dict]:
 
 
 class PromptEmbedder:
-    """Sentence embeddings: attention-masked mean pooling, L2-normalised, truncated to max_length."""
+    """Sentence embeddings: attention-masked mean pooling, L2-normalised, truncated to max_length.
+    On a GPU (the actor was given one) the encoder runs in fp16 and the pooling in fp32."""
 
     def __init__(self, model_dir: str, max_length: int = 256, batch_size: int = 64):
         from transformers import AutoModel, AutoTokenizer
 
-        torch.set_num_threads(1)  # one thread per actor: actors share the machine's cores
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.type == "cpu":
+            torch.set_num_threads(1)  # one thread per actor: actors share the machine's cores
         self.tok = AutoTokenizer.from_pretrained(model_dir)
         self.model = AutoModel.from_pretrained(model_dir, use_safetensors=True).eval()
+        if self.device.type == "cuda":
+            self.model = self.model.half().to(self.device)
         limit = getattr(self.model.config, "max_position_embeddings", max_length)
         self.max_length = min(max_length, limit)
         self.batch_size = batch_size
@@ -131,11 +136,11 @@ class PromptEmbedder:
         out = []
         for s in range(0, len(texts), self.batch_size):
             enc = self.tok(list(texts[s:s + self.batch_size]), padding=True, truncation=True,
-                           max_length=self.max_length, return_tensors="pt")
-            hidden = self.model(**enc).last_hidden_state
+                           max_length=self.max_length, return_tensors="pt").to(self.device)
+            hidden = self.model(**enc).last_hidden_state.float()
             mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-            out.append(torch.nn.functional.normalize(pooled, dim=-1).numpy())
+            out.append(torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, self.model.config.hidden_size), np.float32)
 
     def __call__(self, batch: dict) -> dict:

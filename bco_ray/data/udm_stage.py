@@ -60,6 +60,15 @@ def _sample(ds, counts: dict, sizes: dict, seed: int) -> dict:
     return out
 
 
+def embed_gpus(cfg: Config) -> float:
+    """udm.num_gpus_per_actor, or 1 when the cluster has GPUs."""
+    import ray
+
+    if cfg.udm.num_gpus_per_actor is not None:
+        return cfg.udm.num_gpus_per_actor
+    return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+
+
 def _embed(rows: list[dict], model_dir: str, cfg: Config) -> np.ndarray:
     """The embedding of each row's prompt; each distinct prompt is embedded once."""
     import ray
@@ -70,7 +79,7 @@ def _embed(rows: list[dict], model_dir: str, cfg: Config) -> np.ndarray:
         PromptEmbedder, fn_constructor_kwargs={"model_dir": model_dir, "max_length": uc.max_embed_length,
                                                "batch_size": uc.embed_batch_size},
         batch_size=uc.embed_batch_size, batch_format="numpy", num_cpus=cfg.ingest.num_cpus_per_task,
-        compute=ray.data.ActorPoolStrategy(size=uc.embed_actors)).take_all()
+        num_gpus=embed_gpus(cfg), compute=ray.data.ActorPoolStrategy(size=uc.embed_actors)).take_all()
     by_prompt = {r["prompt"]: np.asarray(r["embedding"]) for r in out}
     return np.stack([by_prompt[r["prompt"]] for r in rows])
 
@@ -141,7 +150,7 @@ def weigh_distinct_prompts(ds, clf: UDMClassifier, model_dir: str, cfg: Config):
     weights = distinct.map_batches(
         UDMWeigher, fn_constructor_kwargs={"model_dir": model_dir, "classifier_json": clf.to_json(),
                                            "batch_size": uc.embed_batch_size},
-        batch_size=uc.embed_batch_size, batch_format="pyarrow", num_cpus=cpus,
+        batch_size=uc.embed_batch_size, batch_format="pyarrow", num_cpus=cpus, num_gpus=embed_gpus(cfg),
         compute=ray.data.ActorPoolStrategy(size=uc.embed_actors)).select_columns(["prompt_key", "weight"]).materialize()
     n_distinct = weights.count()
     table = ray.remote(_weight_table).options(num_cpus=cpus).remote(*weights.to_arrow_refs())
