@@ -17,6 +17,7 @@ from pathlib import Path
 from bco_ray import __version__, console
 from bco_ray.config import Config, redacted, to_dict
 from bco_ray.errors import first_line
+from bco_ray.preflight import stages_of
 from bco_ray.raycluster import init_ray
 from bco_ray.report import write_report
 from bco_ray.storage import credentials_to_environment
@@ -220,9 +221,8 @@ def align(cfg: Config) -> dict:
     keys: dict = {}
     console.say(f"[bco-ray] {ray_description(cfg)}")
     t_start = time.time()
-    names = [n for n, _ in STAGES]
-    last = names.index(cfg.run.stop_after) + 1 if cfg.run.stop_after else len(STAGES)
-    for name, fn in STAGES[:last]:
+    run = stages_of(cfg, "align")  # up to run.stop_after
+    for name, fn in [(n, f) for n, f in STAGES if n in run]:
         t0 = time.time()
         key = keys[name] = stage_key(name, cfg, keys)
         before = previous.get(name, {})

@@ -106,7 +106,7 @@ def load(directory: str, policy, optimizer, scheduler, shift, rank: int, world: 
     sharded = doc["strategy"] == "fsdp" and doc["world"] > 1
     files = [_rank_files(directory, r) for r in range(doc["world"] if sharded else 1)]
     if rank < doc["world"]:  # a worker the old run did not have keeps its fresh seed
-        own = _rank_files(directory, rank)
+        own = files[rank] if rank < len(files) else _rank_files(directory, rank)
         torch.set_rng_state(own.tensor("rng.cpu"))
         if "rng.cuda" in own and torch.cuda.is_available():
             torch.cuda.set_rng_state(own.tensor("rng.cuda"))

@@ -1,9 +1,10 @@
 """The recipe each Ray Train worker runs: setup, resume, train loop, eval, checkpoint, export.
 
 The step itself is `bco_ray.train.step.train_step` (no Ray); the data order is
-`bco_ray.train.batching` (no Ray). Everything above `worker_loop` imports neither Ray nor
-pyarrow, so the GPU benchmarks run it on machines that have only torch and transformers. This file only wires them to Ray Train: the dataset shards,
-`ray.train.report` with the checkpoints, and the process group Ray set up.
+`bco_ray.train.batching` (no Ray). This file only wires them to Ray Train: the dataset
+shards, `ray.train.report` with the checkpoints, and the process group Ray set up.
+Everything above `worker_loop` imports neither Ray nor pyarrow, so the GPU benchmarks run
+it on machines that have only torch and transformers.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def build_policy(cfg: Config, device: torch.device, world: int):
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if not streamed:
         lm.to(device)
-    bf16 = tc.mixed_precision == "bf16" or (tc.mixed_precision == "auto" and device.type == "cuda")
+    bf16 = computes_in_bf16(tc, device)
     policy = PolicyLogps(lm, cfg.objective.logp_chunk_size, compiled_head=tc.compile)
     layers = lm.get_decoder().layers
     # One worker has nothing to shard or synchronise: FSDP2 around it cost 15-25 % of each CPU
@@ -90,6 +91,11 @@ def build_policy(cfg: Config, device: torch.device, world: int):
         for layer in layers:
             layer.compile()
     return policy, lm, tok, autocast
+
+
+def computes_in_bf16(tc, device: torch.device) -> bool:
+    """train.mixed_precision: bf16, or auto on a GPU."""
+    return tc.mixed_precision == "bf16" or (tc.mixed_precision == "auto" and device.type == "cuda")
 
 
 def lora_config(tc):
@@ -216,8 +222,7 @@ def export_dtype(cfg: Config, device: torch.device) -> torch.dtype:
     """train.export_dtype; auto: the training compute dtype (bf16 on GPUs, float32 on CPUs)."""
     name = cfg.train.export_dtype
     if name == "auto":
-        bf16 = cfg.train.mixed_precision == "bf16" or (cfg.train.mixed_precision == "auto" and device.type == "cuda")
-        return torch.bfloat16 if bf16 else torch.float32
+        return torch.bfloat16 if computes_in_bf16(cfg.train, device) else torch.float32
     return getattr(torch, name)
 
 

@@ -155,14 +155,12 @@ def export(lm: torch.nn.Module, tok, out_dir: str, rank: int, dtype: torch.dtype
     """Write `lm` (sharded or not) as a Hugging Face model directory, shard by shard. Every
     rank calls this (each tensor is gathered by a collective); rank 0 writes. Returns the
     weight map (name -> file) on rank 0."""
-    names: dict[int, str] = {}
+    first: dict[int, tuple[str, torch.Tensor]] = {}
     for name, t in lm.state_dict(keep_vars=True).items():
-        names.setdefault(id(t), name)  # a tied tensor once, under its first name (as save_pretrained does)
-    tensors = {id(t): t for t in lm.state_dict(keep_vars=True).values()}
+        first.setdefault(id(t), (name, t))  # a tied tensor once, under its first name (as save_pretrained does)
     files: list[dict[str, torch.Tensor]] = [{}]
     size = 0
-    for key, name in names.items():
-        t = tensors[key]
+    for name, t in first.values():
         full = t.full_tensor() if hasattr(t, "full_tensor") else t
         if rank == 0:
             full = full.detach().to(dtype if full.is_floating_point() else full.dtype).cpu().contiguous()
