@@ -14,6 +14,7 @@ per completion token).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import time
@@ -86,7 +87,9 @@ def main() -> None:
                 except ImportError:
                     print("vllm is not installed here: skipping it", flush=True)
                     continue
-                run = lambda s=scorer: s.score(ids, masks)  # noqa: E731
+                # AsyncLLM's output handler lives on the loop of its first request: keep one loop.
+                loop = asyncio.new_event_loop()
+                run = lambda s=scorer, lp=loop: lp.run_until_complete(s.score(ids, masks))  # noqa: E731
             startup = time.perf_counter() - t0
             run_ids = ids[: max(1, len(ids) // 8)]
             if backend == "hf":  # warm-up on a slice (allocator, kernels)

@@ -116,6 +116,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def ray_metrics(prefix: str, timeout: float = 60.0) -> list[str]:
+    """The sample lines of this local cluster's Prometheus endpoint (Ray's metrics agent) whose
+    name starts with `prefix`, waiting up to `timeout` s for workers to report (they push every
+    few seconds)."""
+    import time
+    import urllib.request
+
+    import ray
+
+    port = ray._private.worker._global_node.metrics_export_port  # noqa: SLF001
+    deadline = time.time() + timeout
+    while True:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        lines = [x for x in text.splitlines() if x.startswith(prefix)]
+        if lines or time.time() > deadline:
+            return lines
+        time.sleep(2)
+
+
 class TcpGate:
     """A TCP proxy on 127.0.0.1 to a local port that a test can shut (every connection cut,
     new ones refused) and open again: a storage outage that keeps the server's state (moto

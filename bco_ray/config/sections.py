@@ -149,6 +149,8 @@ class ScoreConfig:
     vllm_gpu_memory_utilization: float = knob(0.85, "vllm: share of GPU memory for weights + KV cache.")
     vllm_enforce_eager: bool = knob(False, "vllm: skip CUDA graphs / torch.compile (faster start, slower scoring); tests use eager.")
     vllm_cpu_kvcache_gib: int = knob(1, "vllm on CPU builds: KV cache GiB (VLLM_CPU_KVCACHE_SPACE); vLLM otherwise asks for most of the RAM.")
+    vllm_batches_in_flight: int = knob(2, "vllm: batches an actor works on at once (its AsyncLLM schedules the next while the last is summed and shipped); memory: that many batches of rows in the actor.")
+    vllm_metrics: bool = knob(True, "vllm: export the engine's metrics (vllm:* queue, KV cache, tokens, latencies) as Ray metrics, beside Ray's own in the cluster's Prometheus scrape.")
 
 
 @dataclass(frozen=True)
@@ -183,8 +185,9 @@ class TrainConfig:
     lora_dropout: float = knob(0.0, "Dropout on the LoRA input.")
     lora_targets: tuple[str, ...] = knob(("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), "Module names that get adapters.")
     driver_sort_rows: int = knob(100_000, "Splits of up to this many rows are put in the global order by the driver (in memory, ~3 KB a row at 1k tokens); larger ones by Ray Data's distributed sort.")
-    shuffle_buffer: int = knob(1024, "Units (rows, DPO pairs) in the seeded shuffle buffer re-mixing each epoch after the global shuffle.")
-    interleave_labels: bool = knob(False, "Alternate thumbs-up and thumbs-down rows in every global batch (BCO/KTO) so each has both labels.")
+    shuffle_buffer: int = knob(1024, "Units (rows, DPO pairs) per shuffle window: every epoch permutes the windows and the chunks inside each, after the global shuffle (memory: one int per chunk of a window).")
+    shuffle_chunk: int = knob(4, "Consecutive units of the global order that always share a global batch: the grain of the shuffle and of each rank's reads (gcd with the global batch; a rank reads exactly its rows when it divides micro_batch_size x grad_accum).")
+    interleave_labels: bool = knob(False, "Spread thumbs-up and thumbs-down rows evenly over the global order (BCO/KTO), so every global batch holds both in the split's ratio.")
     log_every: int = knob(1, "Steps between metric lines (console, MLflow).")
     eval_max_rows: int | None = knob(4096, "Units (rows; DPO: pairs) of the eval split each eval reads, the first in its fixed order (the same every time); null: all of it (5e6 rows a time at 1e8 rows and a 5 % split).")
     eval_every: int = knob(0, "Steps between eval passes on the eval split (delta read, never updated); 0: only at the end.")
@@ -282,6 +285,7 @@ class ServeConfig:
     vllm_gpu_memory_utilization: float = knob(0.85, "vllm: share of the replica's GPU memory for weights + KV cache.")
     vllm_enforce_eager: bool = knob(False, "vllm: skip CUDA graphs / torch.compile (faster start, slower decoding).")
     vllm_cpu_kvcache_gib: int = knob(1, "vllm on CPU builds: KV cache GiB per replica (VLLM_CPU_KVCACHE_SPACE).")
+    vllm_metrics: bool = knob(True, "vllm: export the engine's metrics (vllm:* queue, KV cache, tokens, latencies) as Ray metrics, beside Ray's own in the cluster's Prometheus scrape.")
     max_batch_size: int = knob(8, "hf: requests decoded together in one batch (@serve.batch).")
     batch_wait_timeout_s: float = knob(0.02, "hf: how long a batch waits to fill.")
     max_tokens_limit: int = knob(1024, "Largest max_tokens a request may ask for.")

@@ -6,8 +6,8 @@ Two backends compute the same number, the summed log-prob of a row's completion 
 - `HFScorer`: a transformers forward through `completion_logps`, the very function the
   policy uses in training (so at step 0 policy and reference agree to rounding), on
   length-sorted sub-batches under a padded-token budget.
-- `VLLMScorer`: a vLLM engine asked for prompt log-probs of the exact token ids
-  (`TokensPrompt`, `prompt_logprobs=0`, one dummy output token).
+- `VLLMScorer`: a vLLM AsyncLLM engine asked for prompt log-probs of the exact token ids
+  (`TokensPrompt`, `prompt_logprobs=0`, one dummy output token), several batches in flight.
 
 Both are Ray Data callable classes (one model per actor) and both reduce to the pure
 functions `score_hf` / `sum_prompt_logprobs`, which run without Ray.
@@ -16,7 +16,9 @@ The Ray plumbing (reading, quarantine, manifest, skip-if-done) is in `stage.py`.
 
 from __future__ import annotations
 
+import asyncio
 import os
+import uuid
 
 import numpy as np
 import pyarrow as pa
@@ -121,18 +123,23 @@ def score_hf(model, ids: list[np.ndarray], masks: list[np.ndarray], batch_tokens
     return out
 
 
-def _with_scores(table: pa.Table, score, kl: bool, max_length: int, quarantine=None) -> pa.Table:
-    """`table` plus ref_logps / ref_tokens (and the KL columns), scored by `score(ids, masks)`.
-    Rows with a non-finite log-prob (their own or their KL row's) go to `quarantine(rows)`
-    and are left out; without a quarantine they are an error."""
+def score_inputs(table: pa.Table, kl: bool, max_length: int) -> tuple[list[np.ndarray], list[np.ndarray], int]:
+    """The sequences to score for `table`: its rows, then (kl) their mismatched KL pairs, as
+    (token ids, completion masks, number of rows)."""
     ids, masks = _lists(table.column("input_ids")), _lists(table.column("completion_mask"))
-    batch_ids, batch_masks = list(ids), list(masks)
+    n = len(ids)
     if kl:
         kl_ids, kl_masks = mismatched_pairs(ids, table.column("prompt_tokens").to_numpy(), max_length)
-        batch_ids += kl_ids
-        batch_masks += kl_masks
-    logps = score(batch_ids, batch_masks)
-    n = len(ids)
+        ids, masks = ids + kl_ids, masks + kl_masks
+    return ids, masks, n
+
+
+def attach_scores(table: pa.Table, ids: list[np.ndarray], masks: list[np.ndarray], logps: np.ndarray, kl: bool,
+                  quarantine=None) -> pa.Table:
+    """`table` plus ref_logps / ref_tokens (and the KL columns) from the log-probs of
+    `score_inputs`' sequences. Rows with a non-finite log-prob (their own or their KL row's)
+    go to `quarantine(rows)` and are left out; without a quarantine they are an error."""
+    n = table.num_rows
     ok = np.isfinite(logps[:n]) & (np.isfinite(logps[n:]) if kl else True)
     if not ok.all():
         bad = pa.array(~ok)
@@ -142,12 +149,18 @@ def _with_scores(table: pa.Table, score, kl: bool, max_length: int, quarantine=N
         quarantine(quarantine_rows(table.filter(bad), NON_FINITE,
                                    {"ref_logps": [str(x) for x in logps[:n][~ok]]}))
     table = table.append_column("ref_logps", pa.array(logps[:n], pa.float64()))
-    table = table.append_column("ref_tokens", pa.array([int(m[1:].sum()) for m in masks], pa.int32()))
+    table = table.append_column("ref_tokens", pa.array([int(m[1:].sum()) for m in masks[:n]], pa.int32()))
     if kl:
-        table = table.append_column("kl_input_ids", pa.array(kl_ids, pa.list_(pa.int32())))
-        table = table.append_column("kl_completion_mask", pa.array(kl_masks, pa.list_(pa.int8())))
+        table = table.append_column("kl_input_ids", pa.array(ids[n:], pa.list_(pa.int32())))
+        table = table.append_column("kl_completion_mask", pa.array(masks[n:], pa.list_(pa.int8())))
         table = table.append_column("kl_ref_logps", pa.array(logps[n:], pa.float64()))
     return table if ok.all() else table.filter(pa.array(ok))
+
+
+def _with_scores(table: pa.Table, score, kl: bool, max_length: int, quarantine=None) -> pa.Table:
+    """`table` scored by `score(ids, masks)` (see attach_scores)."""
+    ids, masks, _ = score_inputs(table, kl, max_length)
+    return attach_scores(table, ids, masks, score(ids, masks), kl, quarantine)
 
 
 class HFScorer:
@@ -203,13 +216,28 @@ def vllm_cpu_environment(kvcache_gib: int) -> dict[str, str]:
             "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 
 
+def vllm_stat_loggers(enabled: bool) -> list | None:
+    """vLLM's engine metrics (vllm:* : running and waiting requests, KV-cache use, prompt and
+    generation tokens, latencies) recorded as Ray metrics, so the cluster's Prometheus scrape
+    and the Ray dashboard show them beside Ray's own, as ray.data.llm and ray.serve.llm do."""
+    if not enabled:
+        return None
+    from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
+
+    return [RayPrometheusStatLogger]
+
+
 class VLLMScorer:
-    """Ray Data actor: a vLLM engine on exact token ids."""
+    """Ray Data actor: vLLM's AsyncLLM on exact token ids. `__call__` is a coroutine, so an
+    actor works on score.vllm_batches_in_flight batches at once: the engine schedules the next
+    batch's prompts while this one's log-probs are summed and its block leaves, rather than
+    idling between batches as a blocking `LLM.generate` does. Its engine core runs in a child
+    process (vLLM's design for AsyncLLM), which exits with the actor."""
 
     def __init__(self, model: str, dtype: str, cache_dir: str | None, max_model_len: int, kl: bool,
                  max_length: int, gpu_memory_utilization: float = 0.85, enforce_eager: bool = False,
                  cpu_kvcache_gib: int = 1, trust_remote_code: bool = False, seed: int = 0,
-                 quarantine: QuarantineSink | None = None, tensor_parallel_size: int = 1):
+                 quarantine: QuarantineSink | None = None, tensor_parallel_size: int = 1, metrics: bool = True):
         import torch
 
         from bco_ray.assets import resolve_model
@@ -219,24 +247,34 @@ class VLLMScorer:
         if not torch.cuda.is_available() and tensor_parallel_size == 1:
             for k, v in vllm_cpu_environment(cpu_kvcache_gib).items():
                 os.environ.setdefault(k, v)
-        from vllm import LLM, SamplingParams
+        from vllm import AsyncEngineArgs, SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+        from vllm.v1.engine.async_llm import AsyncLLM
 
         path = str(resolve_model(model, cache_dir))
-        self.llm = LLM(model=path, tokenizer=path, dtype=dtype, max_model_len=max_model_len, seed=seed,
-                       enforce_eager=enforce_eager, gpu_memory_utilization=gpu_memory_utilization,
-                       trust_remote_code=trust_remote_code,
-                       # a cached prefix has no prompt log-probs to return
-                       enable_prefix_caching=False, **vllm_parallel_args(tensor_parallel_size))
-        self.params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
+        args = AsyncEngineArgs(model=path, tokenizer=path, dtype=dtype, max_model_len=max_model_len, seed=seed,
+                               enforce_eager=enforce_eager, gpu_memory_utilization=gpu_memory_utilization,
+                               trust_remote_code=trust_remote_code, disable_log_stats=True,
+                               # a cached prefix has no prompt log-probs to return
+                               enable_prefix_caching=False, **vllm_parallel_args(tensor_parallel_size))
+        self.llm = AsyncLLM.from_engine_args(args, stat_loggers=vllm_stat_loggers(metrics))
+        self.params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False,
+                                     output_kind=RequestOutputKind.FINAL_ONLY)
         self.kl, self.max_length, self.quarantine = kl, max_length, quarantine
 
-    def score(self, ids: list[np.ndarray], masks: list[np.ndarray]) -> np.ndarray:
+    async def _one(self, ids: np.ndarray):
         from vllm.inputs import TokensPrompt
 
-        prompts = [TokensPrompt(prompt_token_ids=x.tolist()) for x in ids]
-        outs = self.llm.generate(prompts, self.params, use_tqdm=False)
+        final = None
+        async for out in self.llm.generate(TokensPrompt(prompt_token_ids=ids.tolist()), self.params, uuid.uuid4().hex):
+            final = out
+        return final
+
+    async def score(self, ids: list[np.ndarray], masks: list[np.ndarray]) -> np.ndarray:
+        outs = await asyncio.gather(*(self._one(x) for x in ids))
         return np.array([sum_prompt_logprobs(o.prompt_logprobs, x, m) for o, x, m in zip(outs, ids, masks, strict=True)],
                         np.float64)
 
-    def __call__(self, table: pa.Table) -> pa.Table:
-        return _with_scores(table, self.score, self.kl, self.max_length, self.quarantine)
+    async def __call__(self, table: pa.Table) -> pa.Table:
+        ids, masks, _ = score_inputs(table, self.kl, self.max_length)
+        return attach_scores(table, ids, masks, await self.score(ids, masks), self.kl, self.quarantine)

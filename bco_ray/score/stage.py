@@ -162,11 +162,13 @@ def score_reference(cfg: Config) -> dict:
                                      gpu_memory_utilization=sc.vllm_gpu_memory_utilization,
                                      enforce_eager=sc.vllm_enforce_eager, cpu_kvcache_gib=sc.vllm_cpu_kvcache_gib,
                                      trust_remote_code=cfg.model.trust_remote_code, seed=cfg.run.seed,
-                                     quarantine=sink, tensor_parallel_size=tp)
+                                     quarantine=sink, tensor_parallel_size=tp, metrics=sc.vllm_metrics)
+    # The async vLLM actor takes several batches at once (calls), the hf one a single one.
+    in_flight = {"max_concurrent_calls_per_actor": max(1, sc.vllm_batches_in_flight)} if backend == "vllm" else {}
     scored = ds.map_batches(_keep, fn_kwargs={"limit": max_tokens}, batch_format="pyarrow", **remote)
     scored = scored.map_batches(cls, fn_constructor_kwargs=args, batch_format="pyarrow",
                                 batch_size=batch_rows_for(rows_in, sc.actors, sc.batch_rows),
-                                compute=ray.data.ActorPoolStrategy(size=sc.actors),
+                                compute=ray.data.ActorPoolStrategy(size=sc.actors, **in_flight),
                                 num_cpus=sc.num_cpus_per_actor, **resources)
     try:
         scored.write_parquet(storage.join(out, "data"), filesystem=out_fs, ray_remote_args=remote)

@@ -157,7 +157,8 @@ class OpenAIServer:
 
             self.engine = VLLMEngine(model_dir, dtype, sc.max_model_len, sc.vllm_gpu_memory_utilization,
                                      sc.vllm_enforce_eager, sc.vllm_cpu_kvcache_gib,
-                                     self.cfg.model.trust_remote_code, self.cfg.run.seed, sc.tensor_parallel_size)
+                                     self.cfg.model.trust_remote_code, self.cfg.run.seed, sc.tensor_parallel_size,
+                                     sc.vllm_metrics)
         else:
             from bco_ray.serve.generate import HFEngine
 

@@ -27,15 +27,15 @@ class VLLMEngine:
 
     def __init__(self, model_dir: str, dtype: str = "auto", max_model_len: int | None = None,
                  gpu_memory_utilization: float = 0.85, enforce_eager: bool = False, cpu_kvcache_gib: int = 1,
-                 trust_remote_code: bool = False, seed: int = 0, tensor_parallel_size: int = 1):
+                 trust_remote_code: bool = False, seed: int = 0, tensor_parallel_size: int = 1,
+                 metrics: bool = True):
         import torch
 
         from bco_ray.placement import vllm_parallel_args
+        from bco_ray.score.refscore import vllm_cpu_environment, vllm_stat_loggers
 
         # With tensor parallelism the replica sees no GPU: vLLM's workers in its placement group do.
         if not torch.cuda.is_available() and tensor_parallel_size == 1:
-            from bco_ray.score.refscore import vllm_cpu_environment
-
             for k, v in vllm_cpu_environment(cpu_kvcache_gib).items():
                 os.environ.setdefault(k, v)
         from transformers import AutoTokenizer
@@ -46,7 +46,7 @@ class VLLMEngine:
                                gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager,
                                trust_remote_code=trust_remote_code, seed=seed, disable_log_stats=True,
                                **vllm_parallel_args(tensor_parallel_size))
-        self.llm = AsyncLLM.from_engine_args(args)
+        self.llm = AsyncLLM.from_engine_args(args, stat_loggers=vllm_stat_loggers(metrics))
         self.tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
         self.max_context = int(self.llm.model_config.max_model_len)
 

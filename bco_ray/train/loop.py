@@ -1,15 +1,15 @@
 """The recipe each Ray Train worker runs: setup, resume, train loop, eval, checkpoint, export.
 
 The step itself is `bco_ray.train.step.train_step` (no Ray); the data order is
-`bco_ray.train.batching` (no Ray). This file only wires them to Ray Train: the dataset
-shards, `ray.train.report` with the checkpoints, and the process group Ray set up.
+`bco_ray.train.batching` (no Ray), read by `bco_ray.train.rank_data` through
+`bco_ray.train.shards`. This file only wires
+them to Ray Train: `ray.train.report` with the checkpoints, and the process group Ray set up.
 Everything above `worker_loop` imports neither Ray nor pyarrow, so the GPU benchmarks run
 it on machines that have only torch and transformers.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 import os
 import signal
@@ -22,8 +22,9 @@ import torch
 from bco_ray.config import Config, from_dict
 from bco_ray.eval import quality
 from bco_ray.train import checkpoint, weights
-from bco_ray.train.batching import epoch_batches, rank_micro_batches, units
+from bco_ray.train.batching import rank_micro_batches
 from bco_ray.train.objectives import RewardShift
+from bco_ray.train.rank_data import RankData, check_prompts
 from bco_ray.train.step import PolicyLogps, collate, evaluate, train_step
 
 H100_BF16_TFLOPS = 989.0
@@ -133,40 +134,7 @@ def _flops_per_token(lm) -> float:
     return 6 * n + 12 * c.num_hidden_layers * c.hidden_size * 512
 
 
-# ---------------------------------------------------------------------------- data
-
-def _rows(shard):
-    for b in shard.iter_batches(batch_size=512, batch_format="pyarrow"):
-        yield from b.to_pylist()
-
-
-def _eval_batches(shard, loss: str, rank: int, world: int, micro: int, eval_units: int, pad: int,
-                  packed: bool = False) -> list[dict]:
-    # The first eval_units units only (train.eval_max_rows): reading stops there.
-    mine = [u for i, u in enumerate(itertools.islice(units(_rows(shard), loss), eval_units)) if i % world == rank]
-    n = max(1, math.ceil(math.ceil(eval_units / world) / micro))  # equal on all ranks: FSDP gathers in lockstep
-    chunks = [mine[i:i + micro] for i in range(0, len(mine), micro)]
-    chunks += [[]] * (n - len(chunks))
-    return [collate([r for u in c for r in u], pad, packed) for c in chunks]
-
-
 # ---------------------------------------------------------------------------- generation check
-
-def check_prompts(shard, k: int) -> list[list[int]]:
-    """The eval split's first k distinct prompts, as token ids (chat template applied), in its
-    global order: the same on every rank, at every eval and after a resume."""
-    seen: set[tuple] = set()
-    out: list[list[int]] = []
-    for r in _rows(shard):
-        mask = r["completion_mask"]
-        prompt = tuple(r["input_ids"][:mask.index(1) if 1 in mask else len(mask)])
-        if prompt and prompt not in seen:
-            seen.add(prompt)
-            out.append(list(prompt))
-            if len(out) == k:
-                break
-    return out
-
 
 def generation_check(policy, lm, tok, device, prompts: list[list[int]], max_tokens: int, rank: int,
                      world: int) -> list[dict]:
@@ -312,6 +280,7 @@ def worker_loop(config: dict) -> None:
     import ray.train.torch
 
     from bco_ray import exports, storage  # pyarrow: not needed by the Ray-free parts above
+    from bco_ray.train import shards
     from bco_ray.train.tracking import Tracker
 
     global _CONSOLE
@@ -362,8 +331,13 @@ def worker_loop(config: dict) -> None:
     if tracker is not None:
         state["mlflow_run_id"] = tracker.run_id
 
-    train_shard, eval_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("eval")
     spe, g_units = config["steps_per_epoch"], tc.micro_batch_size * tc.grad_accum * world
+    order = config["order"]
+    ofs, _ = storage.filesystem(config["storage_uri"], cfg.storage)
+    unit_rows = 2 if obj.loss == "dpo" else 1
+    data = RankData({split: shards.SplitReader(ofs, o["dir"], o) for split, o in order.items()}, unit_rows,
+                    order["train"]["rows"] // unit_rows, order["train"]["chunk_units"], tc.shuffle_buffer,
+                    cfg.run.seed, g_units, rank, world, spe)
     flops_tok = _flops_per_token(lm)
     peak = tc.peak_tflops or (H100_BF16_TFLOPS if device.type == "cuda" and
                               ("H100" in torch.cuda.get_device_name() or "H200" in torch.cuda.get_device_name())
@@ -371,7 +345,8 @@ def worker_loop(config: dict) -> None:
 
     # The generation check: the starting model's answers (step 0) are the yardstick, kept in
     # every checkpoint; a resumed run without them (an older checkpoint) skips the check.
-    gen_prompts = check_prompts(eval_shard, tc.gen_check_prompts) if tc.eval_every and tc.gen_check_prompts else []
+    gen_prompts = (check_prompts(data.readers["eval"], tc.gen_check_prompts, order["eval"]["rows"])
+                   if tc.eval_every and tc.gen_check_prompts else [])
     if gen_prompts and state["step"] == 0:
         state["gen_start"] = generation_check(policy, lm, tok, device, gen_prompts, tc.gen_check_max_tokens, rank,
                                               world)
@@ -382,10 +357,13 @@ def worker_loop(config: dict) -> None:
             f"against step 0" if gen_prompts else "[train] generation check: off (no eval-split prompts, or a "
             "checkpoint from before it)")
 
+    eval_batches: list[dict] = []  # read once, at the first eval: O(eval_max_rows / world) rows
+
     def run_eval() -> dict:
         policy.eval()
-        m = evaluate(policy, _eval_batches(eval_shard, obj.loss, rank, world, tc.micro_batch_size,
-                                           config["eval_units"], pad, tc.packing), shift, obj, autocast)
+        if not eval_batches:
+            eval_batches.extend(data.eval_batches(config["eval_units"], tc.micro_batch_size, pad, tc.packing))
+        m = evaluate(policy, eval_batches, shift, obj, autocast)
         checkpoint.reshard(policy)  # free the root's gathered weights; the optimizer holds the shards
         policy.train()
         m["step"] = state["step"]
@@ -419,49 +397,44 @@ def worker_loop(config: dict) -> None:
     metrics: dict = state["history"][-1] if state["history"] else {}
     ev = None  # the last eval, when training stopped early on it
     while step < total and ev is None:
-        epoch, skip = divmod(step, spe)
-        for k, batch in enumerate(epoch_batches(_rows(train_shard), epoch, cfg.run.seed, obj.loss, g_units,
-                                                tc.shuffle_buffer, tc.interleave_labels)):
-            if k < skip:
-                continue  # replayed, not trained: the resume position is exact
-            mbs = [collate(rows, pad, tc.packing) for rows in rank_micro_batches(batch, rank, world, tc.grad_accum)]
-            t0 = time.perf_counter()
-            metrics = train_step(policy, opt, mbs, shift, obj, tc.max_grad_norm or None, sched, autocast)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            dt = time.perf_counter() - t0
-            step += 1
-            state["step"] = step
-            metrics.update(step=step, epoch=epoch + (k + 1) / spe, seconds=dt, tokens_per_s=metrics["tokens"] / dt,
-                           logratio=metrics["logratio"],
-                           mfu=(flops_tok * metrics["tokens"] / dt / (peak * 1e12 * world)) if peak else None)
-            state["history"].append(metrics)
-            if (line := count_skips(state, metrics, tc.max_nonfinite_steps)) and rank == 0:
-                say(line)
-            if config.get("fail_at_step") == step and rank == world - 1 and not os.path.exists(config["fail_marker"]):
-                open(config["fail_marker"], "w").close()
-                os.kill(os.getpid(), signal.SIGKILL)  # a worker dies mid-run (the fault-tolerance test)
-            if rank == 0 and (step % tc.log_every == 0 or step == total):
-                say(_progress(step, total, metrics))
-                tracker.log(metrics, step)
-            if tc.eval_every and step % tc.eval_every == 0 and step < total:
-                mid = run_eval()
-                state["eval"].append(mid)
+        epoch, j = divmod(step, spe)
+        mine = data.step_units(step, step + 1 if step + 1 < total else None)
+        mbs = [collate(rows, pad, tc.packing) for rows in rank_micro_batches(mine, tc.grad_accum)]
+        t0 = time.perf_counter()
+        metrics = train_step(policy, opt, mbs, shift, obj, tc.max_grad_norm or None, sched, autocast)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        step += 1
+        state["step"] = step
+        metrics.update(step=step, epoch=epoch + (j + 1) / spe, seconds=dt, tokens_per_s=metrics["tokens"] / dt,
+                       logratio=metrics["logratio"],
+                       mfu=(flops_tok * metrics["tokens"] / dt / (peak * 1e12 * world)) if peak else None)
+        state["history"].append(metrics)
+        if (line := count_skips(state, metrics, tc.max_nonfinite_steps)) and rank == 0:
+            say(line)
+        if config.get("fail_at_step") == step and rank == world - 1 and not os.path.exists(config["fail_marker"]):
+            open(config["fail_marker"], "w").close()
+            os.kill(os.getpid(), signal.SIGKILL)  # a worker dies mid-run (the fault-tolerance test)
+        if rank == 0 and (step % tc.log_every == 0 or step == total):
+            say(_progress(step, total, metrics))
+            tracker.log(metrics, step)
+        if tc.eval_every and step % tc.eval_every == 0 and step < total:
+            mid = run_eval()
+            state["eval"].append(mid)
+            if rank == 0:
+                tracker.log(mid, step)
+            if tc.export_which == "best" and _improved(state, mid):
+                export(mid)
+            if collapsing():  # the same verdict on every rank: all leave the loop together
+                ev = mid
+                state["stopped_early"] = {"step": step, "reasons": mid["gen/reasons"]}
                 if rank == 0:
-                    tracker.log(mid, step)
-                if tc.export_which == "best" and _improved(state, mid):
-                    export(mid)
-                if collapsing():  # the same verdict on every rank: all leave the loop together
-                    ev = mid
-                    state["stopped_early"] = {"step": step, "reasons": mid["gen/reasons"]}
-                    if rank == 0:
-                        say(f"[train] stopping early at step {step} of {total}: the generation check failed "
-                            f"{state['gen_failed_in_row']} time(s) in a row (train.early_stop_patience)")
-                    break
-            if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step < total:
-                save_and_report(metrics)
-            if step >= total:
+                    say(f"[train] stopping early at step {step} of {total}: the generation check failed "
+                        f"{state['gen_failed_in_row']} time(s) in a row (train.early_stop_patience)")
                 break
+        if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step < total:
+            save_and_report(metrics)
     if ev is None:
         ev = run_eval()
         state["eval"].append(ev)
@@ -477,6 +450,12 @@ def worker_loop(config: dict) -> None:
             say("[train] no eval passed the generation check: exporting the last weights (the eval stage will "
                 "judge them)")
         export(ev)
+    data.close()
+    # Rows each rank read from the split files since it started (or resumed): its share only.
+    read = [data.rows_read()] * world
+    if torch.distributed.is_initialized():
+        torch.distributed.all_gather_object(read, read[rank])
+    state["rows_read"] = {split: [r[split] for r in read] for split in order}
     save_and_report({**metrics, **ev})
     if tracker is not None:
         tracker.close()

@@ -1,10 +1,11 @@
 """`bco-ray train`: the scored dataset in, the aligned model (HF format) and a run card out.
 
-The driver counts the data, fixes one global shuffled order (a sort on a seeded hash of
-the row id, or of the pair id so DPO pairs stay adjacent), and starts a `TorchTrainer`
-whose workers run `bco_ray.train.loop.worker_loop`. Every worker streams the same order
-and keeps its own slice of each global batch (`bco_ray.train.batching`): the order is identical
-for any number of workers and on resume, which is what makes both exact.
+The driver counts the data, writes each split once in one global shuffled order (a sort on
+a seeded hash of the row id, or of the pair id so DPO pairs stay adjacent) as files of
+fixed-size chunks (`bco_ray.train.shards`), and starts a `TorchTrainer` whose workers run
+`bco_ray.train.loop.worker_loop`. Each worker computes where its share of every global batch
+lies (`bco_ray.train.batching`) and reads those rows only: the order is identical for any
+number of workers and on resume, which is what makes both exact, and resume starts at its step.
 """
 
 from __future__ import annotations
@@ -21,21 +22,33 @@ import pyarrow.dataset as pads
 from bco_ray import console, exports, storage
 from bco_ray.config import Config, redacted, to_dict
 from bco_ray.errors import UserError
+from bco_ray.train import shards
+from bco_ray.train.batching import chunk_units, interleave_order
 
 TRAIN_COLUMNS = ["row_id", "label", "input_ids", "completion_mask", "ref_logps", "weight", "pair_id"]
 KL_COLUMNS = ["kl_input_ids", "kl_completion_mask", "kl_ref_logps"]
 
 
-def _order_key(table: pa.Table, seed: int) -> pa.Array:
+def _order_key(table: pa.Table, seed: int, pairs: bool) -> pa.Array:
     keys = [p if p is not None else r for p, r in zip(table.column("pair_id").to_pylist(),
                                                         table.column("row_id").to_pylist(), strict=True)]
-    return pa.array([int.from_bytes(hashlib.blake2b(f"{seed}:{k}".encode(), digest_size=8).digest(), "big") >> 1
-                     for k in keys], pa.int64())
+    h = [int.from_bytes(hashlib.blake2b(f"{seed}:{k}".encode(), digest_size=8).digest(), "big") >> 1 for k in keys]
+    if pairs:  # a pair's two rows share the hash; its lowest bit puts the chosen row first
+        h = [(x & ~1) | (0 if lab else 1) for x, lab in zip(h, table.column("label").to_pylist(), strict=True)]
+    return pa.array(h, pa.int64())
 
 
-def _split(table: pa.Table, split: str, columns: list[str], seed: int) -> pa.Table:
-    table = table.filter(pc.equal(table.column("split"), split)).select(columns)
-    return table.append_column("_order", _order_key(table, seed))
+def _split(table: pa.Table, split: str, columns: list[str], seed: int, pairs: set | None = None) -> pa.Table:
+    """One split's rows with their order key; DPO (pairs given): complete pairs only."""
+    keep = pc.equal(table.column("split"), split)
+    if pairs is not None:
+        keep = pc.and_(keep, pc.is_in(table.column("pair_id"), pa.array(sorted(pairs), pa.string())))
+    table = table.filter(keep).select(columns)
+    return table.append_column("_order", _order_key(table, seed, pairs is not None))
+
+
+def _interleave(table: pa.Table) -> pa.Table:
+    return table.take(pa.array(interleave_order(table.column("label").to_numpy(zero_copy_only=False))))
 
 
 def sort_boundaries(rows: int, rows_per_partition: int = 100_000, most: int = 1000) -> list[int]:
@@ -46,24 +59,68 @@ def sort_boundaries(rows: int, rows_per_partition: int = 100_000, most: int = 10
     return [(1 << 63) // k * i for i in range(1, k)]
 
 
-def global_order(data_dir: str, fs, split: str, columns: list[str], rows: int, cfg: Config):
-    """One split as a dataset in the global order, sorted once, here, while the cluster's CPUs
-    are free: the workers then only fetch blocks (a sort per worker per epoch would also need
-    CPUs the workers hold). A split of up to train.driver_sort_rows rows is sorted in this
-    process (pyarrow, milliseconds); a larger one by Ray Data's distributed sort, whose fixed
-    cost (about 5 s an execution on 2 cores) would otherwise dominate short runs."""
+def _num_rows(table: pa.Table) -> int:
+    return table.num_rows
+
+
+def _write_part(fs, path: str, chunk_rows: int, slices: list[tuple[int, int]], *blocks) -> int:
+    return shards.write_part([b.slice(o, n) for b, (o, n) in zip(blocks, slices, strict=True)], fs, path, chunk_rows)
+
+
+def write_order(data_dir: str, fs, split: str, columns: list[str], rows: int, cfg: Config, out_fs, out_dir: str,
+                chunk_units: int, meta: dict, pairs: set | None) -> dict:
+    """One split, in the global order, as the files each rank reads its rows from
+    (`bco_ray.train.shards`): a sort on a seeded hash of the row id (DPO: of the pair id, the
+    chosen row first), thumbs-up and thumbs-down spread evenly when train.interleave_labels.
+    Written once per run and data (a rerun or a resume finds index.json and reuses it), here,
+    while the cluster's CPUs are free.
+
+    A split of up to train.driver_sort_rows rows is sorted in this process (pyarrow,
+    milliseconds); a larger one by Ray Data's distributed sort (about 5 s of fixed cost on 2
+    cores, so not for short runs), its ordered blocks written by one task per file. There the
+    labels are interleaved per sort partition (~100k rows, each a uniform sample of the split)."""
     import ray
 
+    meta = {**meta, "split": split, "chunk_units": chunk_units}
+    index = shards.read_index(out_fs, out_dir)
+    if index is not None and all(index.get(k) == v for k, v in meta.items()):
+        return index
+    if index is not None:  # another run's order under this train.name: replaced (check_resume allowed it)
+        out_fs.delete_file(storage.join(out_dir, shards.INDEX))
+    chunk_rows = chunk_units * (2 if pairs is not None else 1)
+    interleave = cfg.train.interleave_labels and pairs is None
     if rows <= cfg.train.driver_sort_rows:
         table = pads.dataset(data_dir, filesystem=fs, format="parquet").to_table(
-            columns=columns + ["split"], filter=pc.field("split") == split)
-        table = _split(table, split, columns, cfg.run.seed).sort_by("_order").drop_columns(["_order"])
-        return ray.data.from_arrow(table)
+            columns=list(dict.fromkeys(columns + ["split", "label"])), filter=pc.field("split") == split)
+        table = _split(table, split, columns, cfg.run.seed, pairs).sort_by("_order").drop_columns(["_order"])
+        return shards.write_table(_interleave(table) if interleave else table, out_fs, out_dir, chunk_rows, meta)
     cpus = cfg.ingest.num_cpus_per_task
     ds = storage.read_parquet(data_dir, fs, cpus).map_batches(
-        _split, fn_kwargs={"split": split, "columns": columns, "seed": cfg.run.seed}, batch_format="pyarrow",
-        num_cpus=cpus)
-    return ds.sort("_order", boundaries=sort_boundaries(rows)).drop_columns(["_order"]).materialize()
+        _split, fn_kwargs={"split": split, "columns": columns, "seed": cfg.run.seed, "pairs": pairs},
+        batch_format="pyarrow", num_cpus=cpus)
+    ds = ds.sort("_order", boundaries=sort_boundaries(rows)).drop_columns(["_order"])
+    if interleave:
+        ds = ds.map_batches(_interleave, batch_size=None, batch_format="pyarrow", num_cpus=cpus)
+    refs = ds.materialize().to_arrow_refs()
+    count = ray.remote(num_cpus=cpus)(_num_rows)
+    block_rows = ray.get([count.remote(r) for r in refs])
+    per = shards.rows_per_file(chunk_rows)
+    out_fs.create_dir(out_dir, recursive=True)
+    write = ray.remote(num_cpus=cpus)(_write_part)
+    ray.get([write.remote(out_fs, storage.join(out_dir, shards.part_name(i)), chunk_rows,
+                          [(o, n) for _, o, n in part], *[refs[b] for b, _, _ in part])
+             for i, part in enumerate(shards.plan_parts(block_rows, per))])
+    return shards.write_index(out_fs, out_dir, sum(block_rows), chunk_rows, per, meta)
+
+
+def complete_pairs(meta: pa.Table, split: str) -> set:
+    """DPO: the pair ids of the split with exactly one thumbs-up and one thumbs-down row."""
+    t = meta.filter(pc.equal(meta.column("split"), split))
+    pairs: dict = {}
+    for pid, lab in zip(t.column("pair_id").to_pylist(), t.column("label").to_pylist(), strict=True):
+        if pid is not None:
+            pairs.setdefault(pid, []).append(bool(lab))
+    return {p for p, v in pairs.items() if sorted(v) == [False, True]}
 
 
 def count_units(meta: pa.Table, loss: str) -> dict:
@@ -73,14 +130,7 @@ def count_units(meta: pa.Table, loss: str) -> dict:
         t = meta.filter(pc.equal(meta.column("split"), split))
         labels = t.column("label").to_numpy(zero_copy_only=False)
         n = {"rows": t.num_rows, "up": int(labels.sum()), "down": int((~labels).sum())}
-        if loss == "dpo":
-            pairs: dict = {}
-            for pid, lab in zip(t.column("pair_id").to_pylist(), labels.tolist(), strict=True):
-                if pid is not None:
-                    pairs.setdefault(pid, []).append(lab)
-            n["units"] = sum(1 for v in pairs.values() if sorted(v) == [False, True])
-        else:
-            n["units"] = t.num_rows
+        n["units"] = len(complete_pairs(meta, split)) if loss == "dpo" else t.num_rows
         out[split] = n
     return out
 
@@ -107,7 +157,8 @@ def eval_units(cfg: Config, counts: dict) -> int:
 # resumes a checkpoint): the global batch is.
 TRAJECTORY = ("epochs", "max_steps", "lr",
               "weight_decay", "adam_betas", "warmup_ratio", "schedule", "max_grad_norm", "mixed_precision",
-              "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "shuffle_buffer", "interleave_labels")
+              "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "shuffle_buffer", "shuffle_chunk",
+              "interleave_labels")
 
 
 def run_fingerprint(cfg: Config, scored_manifest: dict) -> dict:
@@ -186,21 +237,26 @@ def train(cfg: Config, _fail_at_step: int | None = None, _fail_marker: str | Non
         export_uri = os.path.abspath(export_uri)
     exports.check_target(export_uri, cfg.storage)  # now, not after hours of training
 
-    console.status("sorting the splits into the global order")
-    datasets = {split: global_order(data_dir, fs, split, columns, counts[split]["rows"], cfg)
-                for split in ("train", "eval")}
+    console.status("writing the splits in the global order")
+    chunk = chunk_units(p["global_batch_units"], tc.shuffle_chunk)
+    pairs = {split: complete_pairs(meta, split) for split in ("train", "eval")} if cfg.objective.loss == "dpo" else {}
+    order_meta = {"data": scored_manifest.get("key"), "seed": cfg.run.seed, "loss": cfg.objective.loss,
+                  "interleave_labels": tc.interleave_labels, "columns": columns}
+    order = {split: {"dir": storage.join(store_path, tc.name, "order", split),
+                     **write_order(data_dir, fs, split, columns, counts[split]["rows"], cfg, store_fs,
+                                   storage.join(store_path, tc.name, "order", split), chunk, order_meta,
+                                   pairs.get(split))}
+             for split in ("train", "eval")}
 
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0 if tc.use_gpu is None else tc.use_gpu
     resources = {"CPU": tc.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
     tracking = tc.tracking_uri
     if tracking is None:
         tracking = "file:" + os.path.abspath(storage.join(cfg.run.run_dir, "mlruns"))
-    from ray.data import ExecutionOptions
-
     sink = console.train_sink()
     trainer = TorchTrainer(
         worker_loop,
-        train_loop_config={"cfg": to_dict(cfg), **p, "console": sink.queue if sink else None, "eval_units": eval_units(cfg, counts), "export": export_uri, "fingerprint": fingerprint,
+        train_loop_config={"cfg": to_dict(cfg), **p, "console": sink.queue if sink else None, "eval_units": eval_units(cfg, counts), "order": order, "export": export_uri, "fingerprint": fingerprint,
                            "tracking_uri": tracking, "storage_uri": store_uri, "fail_at_step": _fail_at_step, "fail_marker": _fail_marker},
         scaling_config=ray.train.ScalingConfig(num_workers=tc.num_workers, use_gpu=use_gpu,
                                                resources_per_worker=resources, placement_strategy=tc.placement),
@@ -208,11 +264,6 @@ def train(cfg: Config, _fail_at_step: int | None = None, _fail_marker: str | Non
             name=tc.name, storage_path=store_path, storage_filesystem=store_fs,
             failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_checkpoints)),
-        datasets=datasets,
-        # Every worker streams the whole (globally shuffled) order and keeps its slice of
-        # each global batch: not split by Ray, and in order.
-        dataset_config=ray.train.DataConfig(datasets_to_split=[],
-                                            execution_options=ExecutionOptions(preserve_order=True)),
     )
     try:
         result = trainer.fit()
@@ -232,7 +283,7 @@ def train(cfg: Config, _fail_at_step: int | None = None, _fail_marker: str | Non
         "final_metrics": state["history"][-1] if state["history"] else {}, "final_eval": state["eval"][-1],
         "delta": state["reward_shift"], "history": state["history"], "eval_history": state["eval"],
         "scored_manifest": {k: v for k, v in scored_manifest.items() if k != "config"},
-        "checkpoint": result.checkpoint.path, "worker_nodes": state.get("worker_nodes"), "mlflow": {"tracking_uri": tracking, "run_id": state.get("mlflow_run_id")},
+        "rows_read": state.get("rows_read"), "checkpoint": result.checkpoint.path, "worker_nodes": state.get("worker_nodes"), "mlflow": {"tracking_uri": tracking, "run_id": state.get("mlflow_run_id")},
         "seconds": round(time.time() - t0, 1), "config": redacted(cfg),
     }
     efs, epath = storage.filesystem(export_uri, cfg.storage)
