@@ -98,6 +98,22 @@ def explain(e: OSError, where: str) -> UserError | None:
     return None
 
 
+def parallel_map(fn, items, threads: int = 16):
+    """fn(item) for each item, yielded in order, `threads` calls at a time: for calls bound by
+    storage latency (parquet footers, small files). At most 4 x threads results are held ahead
+    of the consumer; an exception is raised when its item's turn comes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(threads) as pool:
+        ahead: list = []
+        for item in items:
+            ahead.append(pool.submit(fn, item))
+            if len(ahead) >= 4 * threads:
+                yield ahead.pop(0).result()
+        for f in ahead:
+            yield f.result()
+
+
 def list_parquet(fs: pafs.FileSystem, path: str) -> list[str]:
     """Parquet files under a file, directory (recursive) or glob, sorted for determinism.
     A path that does not exist is a FileNotFoundError; S3 refusals are UserErrors."""

@@ -3,6 +3,7 @@
     python bench/ingest.py                     # 1e5 and 1e6 rows, UDM off, 1 and 2 CPUs
     python bench/ingest.py --rows 1e5 --udm    # with UDM (embeds every thumbs-down prompt)
     python bench/ingest.py --rows 1e7          # if you have the disk and the hour
+    python bench/ingest.py --layout large small  # also many small files, as the serve stage writes them
 
 Each run is a fresh process tree pinned to N cores (taskset) with a local Ray cluster of N
 CPUs. Prompts are made unique (as in production, where few rows repeat). A sampler thread
@@ -93,6 +94,9 @@ def main() -> None:
     p.add_argument("--rows", type=float, nargs="+", default=[1e5, 1e6])
     p.add_argument("--cpus", type=int, nargs="+", default=[1, 2])
     p.add_argument("--udm", action="store_true", help="also fit UDM and weigh every thumbs-down row")
+    p.add_argument("--layout", nargs="+", default=["large"], choices=["large", "small"],
+                   help="large: 4 files a day; small: files of --small-rows rows (the serve stage's logs)")
+    p.add_argument("--small-rows", type=int, default=500)
     p.add_argument("--model", default="tiny-llama", help="whose tokenizer (tiny-llama has SmolLM2's)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--input", help=argparse.SUPPRESS)
@@ -105,24 +109,27 @@ def main() -> None:
     from bco_ray.data.demo_data import write_log
 
     results = []
-    for rows in (int(r) for r in args.rows):
-        log = tempfile.mkdtemp(prefix="bcb-log-")
-        try:
-            t0 = time.time()
-            write_log(log, rows, seed=0, shift=0.5, dirty=0.02, days=4, files_per_day=4, unique=True)
-            print(f"# generated {rows:,} rows in {time.time() - t0:.0f}s", flush=True)
-            for cpus in args.cpus:
-                r = {"cpus": cpus, **run(rows, cpus, log, args)}
-                print(json.dumps(r), flush=True)
-                results.append(r)
-        finally:
-            shutil.rmtree(log, ignore_errors=True)
-    print(f"\n| rows | CPUs | seconds | rows/s | speed-up | driver peak MB | all workers peak MB | largest worker MB |"
-          f"  (UDM {'on' if args.udm else 'off'})")
-    print("|---|---|---|---|---|---|---|---|")
+    for layout in args.layout:
+        for rows in (int(r) for r in args.rows):
+            log = tempfile.mkdtemp(prefix="bcb-log-")
+            try:
+                t0 = time.time()
+                per_day = 4 if layout == "large" else max(1, rows // (4 * args.small_rows))
+                w = write_log(log, rows, seed=0, shift=0.5, dirty=0.02, days=4, files_per_day=per_day, unique=True)
+                print(f"# generated {rows:,} rows in {w['files']:,} files in {time.time() - t0:.0f}s", flush=True)
+                for cpus in args.cpus:
+                    r = {"layout": f"{layout} ({w['files']:,} files)", "cpus": cpus, **run(rows, cpus, log, args)}
+                    print(json.dumps(r), flush=True)
+                    results.append(r)
+            finally:
+                shutil.rmtree(log, ignore_errors=True)
+    print(f"\n| layout | rows | CPUs | seconds | rows/s | speed-up | driver peak MB | all workers peak MB | "
+          f"largest worker MB |  (UDM {'on' if args.udm else 'off'})")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        base = next(x for x in results if x["rows"] == r["rows"] and x["cpus"] == min(args.cpus))
-        print(f"| {r['rows']:,} | {r['cpus']} | {r['seconds']} | {r['rows_per_s']:,} | "
+        base = next(x for x in results if x["rows"] == r["rows"] and x["layout"] == r["layout"]
+                    and x["cpus"] == min(args.cpus))
+        print(f"| {r['layout']} | {r['rows']:,} | {r['cpus']} | {r['seconds']} | {r['rows_per_s']:,} | "
               f"{r['rows_per_s'] / base['rows_per_s']:.2f}x | {r['driver_mb']} | {r['workers_mb']} | "
               f"{r['largest_worker_mb']} |")
 

@@ -219,10 +219,61 @@ def test_each_distinct_thumbs_down_prompt_is_embedded_once_and_its_weight_joined
     clf = UDMClassifier(coef=(rng.normal(size=384) * 0.5).tolist(), intercept=0.1, embedder="all-minilm-l6-v2",
                         max_embed_length=64, min_density_ratio=0.5, max_density_ratio=10.0)
     cfg = load_config(None, BASE + ["--udm.embed_batch_size", "16"])
-    weighted, n_distinct = weigh_distinct_prompts(ray.data.from_arrow(table).repartition(6), clf, model_dir, cfg)
+    weighted, report = weigh_distinct_prompts(ray.data.from_arrow(table).repartition(6), clf, model_dir, cfg)
     got = {r["row_id"]: r["weight"] for r in weighted.take_all()}
-    assert n_distinct == len({r["prompt"] for r in rows if not r["label"]}) == 40
+    assert report["distinct_down_prompts"] == len({r["prompt"] for r in rows if not r["label"]}) == 40
+    # udm.embed_actors null: one per CPU of the cluster less one, and the pass's rate per actor
+    want_actors = max(1, int(ray.cluster_resources()["CPU"]) - 1)
+    assert report["embed_actors"] == want_actors and report["prompts_per_s_per_actor"] > 0
     want = UDMWeigher(model_dir, clf.to_json(), batch_size=16)(table)["weight"].to_pylist()
     assert len(got) == 300 and all(got[r["row_id"]] == 1.0 for r in rows if r["label"])
     np.testing.assert_allclose([got[r["row_id"]] for r in rows], want, rtol=1e-5)
     assert len({round(w, 6) for w in want}) > 10  # the weights differ by prompt: a real check
+
+
+def test_footers_of_many_small_files_on_s3_are_read_in_parallel_in_listing_order(s3_endpoint, monkeypatch):
+    """The serve stage writes many small files: their footers are read 16 at a time (latency,
+    not bandwidth, bounds a footer read), yet the row groups, the row count and the unreadable
+    file set aside come out exactly as a one-by-one read gives them."""
+    import pyarrow.parquet as pq
+
+    from bco_ray import storage
+    from bco_ray.data import ingest
+
+    fs = pafs.S3FileSystem(endpoint_override=s3_endpoint.removeprefix("http://"), scheme="http",
+                           access_key="testing", secret_key="testing", region="us-east-1")
+    for i in range(40):
+        t = pa.table({"prompt": [f"p{i}-{j}" for j in range(i % 3 + 1)], "completion": ["c"] * (i % 3 + 1),
+                      "feedback": [True] * (i % 3 + 1)})
+        pq.write_table(t, f"logs/small/date=2026-11-0{1 + i % 3}/part-{i:03d}.parquet", filesystem=fs,
+                       row_group_size=2)
+    with fs.open_output_stream("logs/small/date=2026-11-02/part-999.parquet") as f:
+        f.write(b"not parquet")  # a writer that crashed: set aside, not fatal
+    storage_args = ["--storage.endpoint_url", s3_endpoint, "--storage.access_key_id", "testing",
+                    "--storage.secret_access_key", "testing", "--storage.region", "us-east-1"]
+    cfg = load_config(None, BASE + storage_args + ["--ingest.input", "s3://logs/small",
+                                                   "--ingest.date_from", "2026-11-02"])
+    parallel = ingest._input_units(cfg)
+    monkeypatch.setattr(ingest, "FOOTER_THREADS", 1)
+    assert ingest._input_units(cfg) == parallel
+    units, rows, files, bad = parallel
+    assert files == sorted(files) and len(files) == 26 and [b["path"] for b in bad] == [
+        "logs/small/date=2026-11-02/part-999.parquet"]
+    assert rows == sum(i % 3 + 1 for i in range(40) if i % 3 != 0)
+    assert len(units) == sum(-(-(i % 3 + 1) // 2) for i in range(40) if i % 3 != 0)  # row groups of 2
+    assert ingest.count_rows(fs, "logs/small/date=2026-11-03") == sum(i % 3 + 1 for i in range(40) if i % 3 == 2)
+    # In order, and never more than 4 x threads results ahead of the consumer.
+    started: list[int] = []
+    gen = storage.parallel_map(lambda i: started.append(i) or i * i, range(100), threads=2)
+    assert next(gen) == 0 and len(started) <= 9
+    assert list(gen) == [i * i for i in range(1, 100)]
+
+
+def test_dedup_partitions_grow_with_the_log_under_the_hash_shuffle():
+    from bco_ray.data.ingest import shuffle_partitions
+
+    sizes = (0, 5_000, 100_000, 1_000_000, 10**7, 10**8)
+    assert [shuffle_partitions(n, "hash") for n in sizes] == [1, 1, 5, 50, 200, 800]
+    assert all(n / shuffle_partitions(n, "hash") <= 125_000 for n in (10**7, 10**8, 10**9))
+    # the sort shuffle's object count is blocks x partitions: it stays at 200
+    assert [shuffle_partitions(n, "sort") for n in sizes] == [1, 1, 5, 50, 200, 200]

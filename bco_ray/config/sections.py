@@ -126,7 +126,7 @@ class UDMConfig:
     max_embed_length: int = knob(256, "Prompt tokens fed to the embedder (longer prompts are truncated, not overflowed).")
     embed_batch_size: int = knob(64, "Prompts per embedder forward pass.")
     num_gpus_per_actor: float | None = knob(None, "GPUs per embedding actor (fp16 on a GPU); null: 1 when the cluster has GPUs (prepare runs before anything else uses them), else 0.")
-    embed_actors: int = knob(1, "Embedder actors in the Ray Data pool (one model each).")
+    embed_actors: int | None = knob(None, "Embedder actors in the Ray Data pool (one model each); null: one per GPU of the cluster (num_gpus_per_actor each) when it has GPUs, else one per CPU less one (each embeds on one thread).")
 
 
 @dataclass(frozen=True)

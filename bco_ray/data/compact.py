@@ -51,6 +51,15 @@ def log_uri(cfg: Config) -> str:
     return cfg.compact.input or cfg.serve.feedback_log or storage.join(cfg.run.run_dir, "feedback")
 
 
+def _rows_or_error(fs, path: str) -> tuple[str, int | str]:
+    """(path, rows from its footer), or (path, why it cannot be read)."""
+    try:
+        with fs.open_input_file(path) as h:
+            return path, pq.ParquetFile(h).metadata.num_rows
+    except (OSError, pa.ArrowException) as e:
+        return path, f"{type(e).__name__}: {e}"[:300]
+
+
 def plan(fs: pafs.FileSystem, root: str, until: str, max_rows: int, min_files: int) -> tuple[list[dict], list[dict]]:
     """(groups, unreadable): the groups of input files to merge, each {day, kind, inputs:
     [(path, rows)]}, and the files left alone because their footer could not be read."""
@@ -68,12 +77,11 @@ def plan(fs: pafs.FileSystem, root: str, until: str, max_rows: int, min_files: i
     groups, unreadable = [], []
     for (sub, day, kind), files in sorted(by_day_kind.items()):
         sized = []
-        for f in sorted(files):
-            try:
-                with fs.open_input_file(f) as h:
-                    sized.append((f, pq.ParquetFile(h).metadata.num_rows))
-            except (OSError, pa.ArrowException) as e:
-                unreadable.append({"path": f, "reason": f"{type(e).__name__}: {e}"[:300]})
+        for f, n in storage.parallel_map(lambda f: _rows_or_error(fs, f), sorted(files)):
+            if isinstance(n, int):
+                sized.append((f, n))
+            else:
+                unreadable.append({"path": f, "reason": n})
         group: list[tuple[str, int]] = []
         rows = 0
         for f, n in sized + [(None, 0)]:

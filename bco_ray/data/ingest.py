@@ -42,6 +42,7 @@ QUARANTINE_COLUMNS = ["row_id", "source", "day", "reason", "raw"]
 UNREADABLE_FILE = "unreadable_file"
 UNREADABLE_ROW_GROUP = "unreadable_row_group"
 MAX_LISTED_FILES = 1000  # unreadable files named in the manifest (all are counted)
+FOOTER_THREADS = 16  # parquet footers read at once (latency-bound on S3)
 STAGES = ("_stage1", "_stage2", "data", "quarantine", "deduplicated", "udm")
 
 
@@ -167,21 +168,23 @@ def _input_units(cfg: Config, first_known: bool = False) -> tuple[list[dict], in
     units, rows, files, days, known, bad = [], 0, [], [], False, []
     unknown: tuple[str, list[str]] | None = None  # the first file of an unknown schema, its columns
     n_unknown = 0
+    def wanted(path: str) -> bool:
+        day = storage.partition_value(path, ic.partition_key)
+        return day is None or not ((ic.date_from and day < ic.date_from) or (ic.date_to and day > ic.date_to))
+
+    # The pre-flight reads footers one by one and stops at the first known schema.
+    footers = (iter(map(lambda p: _footer(fs, p), filter(wanted, listed))) if first_known
+               else storage.parallel_map(lambda p: _footer(fs, p), [p for p in listed if wanted(p)], FOOTER_THREADS))
     for path in listed:
         day = storage.partition_value(path, ic.partition_key)
         if day is not None:
             days.append(day)
-        if day is not None and ((ic.date_from and day < ic.date_from) or (ic.date_to and day > ic.date_to)):
+        if not wanted(path):
             continue
-        try:
-            with fs.open_input_file(path) as f:
-                pf = pq.ParquetFile(f)
-                meta, columns = pf.metadata, pf.schema_arrow.names
-        except (pa.ArrowInvalid, EOFError) as e:  # the bytes are no parquet file: set aside
-            bad.append({"path": path, "reason": UNREADABLE_FILE, "error": first_line(e)})
+        meta, columns = next(footers)
+        if isinstance(meta, dict):  # the bytes are no parquet file: set aside
+            bad.append(meta)
             continue
-        except OSError as e:  # storage refused or failed: not the file's fault, say so and stop
-            raise (storage.explain(e, path) or ValueError(f"cannot read parquet file {path}: {e}")) from e
         if detect_format(columns, ic) is not None:
             known = True
             if first_known:
@@ -219,14 +222,35 @@ def _input_units(cfg: Config, first_known: bool = False) -> tuple[list[dict], in
     return units, rows, files, bad
 
 
+def _footer(fs, path: str):
+    """(metadata, column names) of one parquet file, or (a quarantined-file record, None)."""
+    try:
+        with fs.open_input_file(path) as f:
+            pf = pq.ParquetFile(f)
+            return pf.metadata, pf.schema_arrow.names
+    except (pa.ArrowInvalid, EOFError) as e:
+        return {"path": path, "reason": UNREADABLE_FILE, "error": first_line(e)}, None
+    except OSError as e:  # storage refused or failed: not the file's fault, say so and stop
+        raise (storage.explain(e, path) or ValueError(f"cannot read parquet file {path}: {e}")) from e
+
+
 def count_rows(fs, path: str) -> int:
+    """Rows of the parquet files under `path`, from their footers (read in parallel: a footer
+    read is one or two small requests, bound by latency, tens of ms on S3)."""
     if not storage.exists(fs, path):
         return 0
-    total = 0
-    for f in storage.list_parquet(fs, path):
-        with fs.open_input_file(f) as h:
-            total += pq.ParquetFile(h).metadata.num_rows
-    return total
+    footers = storage.parallel_map(lambda p: _footer(fs, p), storage.list_parquet(fs, path), FOOTER_THREADS)
+    return sum(meta.num_rows for meta, _ in footers if not isinstance(meta, dict))
+
+
+def shuffle_partitions(rows: int, strategy: str) -> int:
+    """Dedup shuffle partitions: ~20k rows each on small logs (enough tasks for every core).
+    The sort shuffle makes blocks x partitions objects (4,096-row blocks: 2.4e4 blocks x 200 =
+    4.9e6 at 1e8 rows), so it stays at 200; the hash shuffle's aggregators take any number,
+    and its partitions grow so one stays under ~125k rows (about 250 MB at 2 KB a row):
+    200 at 1e7 rows, 800 at 1e8."""
+    small = max(1, rows // 20_000)
+    return min(small, 200) if strategy == "sort" else min(small, max(200, rows // 125_000))
 
 
 def _length_hist(batch: dict, max_length: int) -> dict:
@@ -294,8 +318,7 @@ def _prepare(cfg: Config) -> dict:
     console.status("pass 2/3: dedup + tokenize + split")
     if storage.exists(fs, path("_stage1", "status=ok")):
         ok = storage.read_parquet(path("_stage1", "status=ok"), fs, cpus).repartition(target_num_rows_per_block=ic.rows_per_block)
-        partitions = max(1, min(200, rows_read // 20_000))  # ~20k rows per shuffle partition
-        ok = ok.groupby("pair_key", num_partitions=partitions).map_groups(
+        ok = ok.groupby("pair_key", num_partitions=shuffle_partitions(rows_read, ic.shuffle)).map_groups(
             _resolve, fn_kwargs={"policy": ic.conflicts}, batch_format="pyarrow", **remote)
         ok = ok.map_batches(_tokenize, fn_kwargs={"cfg": cfg}, batch_format="pyarrow", batch_size=1024, **remote)
         ok.write_parquet(path("_stage2"), filesystem=fs, partition_cols=["status"], ray_remote_args=remote)

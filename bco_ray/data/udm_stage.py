@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -69,6 +70,20 @@ def embed_gpus(cfg: Config) -> float:
     return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
 
 
+def embed_actors(cfg: Config) -> int:
+    """udm.embed_actors, or what the cluster holds: one per GPU (num_gpus_per_actor each) when
+    it has GPUs, else one per CPU less one, left to the tasks that feed them."""
+    import ray
+
+    if cfg.udm.embed_actors is not None:
+        return cfg.udm.embed_actors
+    res = ray.cluster_resources()
+    gpus = embed_gpus(cfg)
+    if gpus > 0:
+        return max(1, int(res.get("GPU", 0) // gpus))
+    return max(1, int(res.get("CPU", 1)) - 1)
+
+
 def _embed(rows: list[dict], model_dir: str, cfg: Config) -> np.ndarray:
     """The embedding of each row's prompt; each distinct prompt is embedded once."""
     import ray
@@ -79,7 +94,7 @@ def _embed(rows: list[dict], model_dir: str, cfg: Config) -> np.ndarray:
         PromptEmbedder, fn_constructor_kwargs={"model_dir": model_dir, "max_length": uc.max_embed_length,
                                                "batch_size": uc.embed_batch_size},
         batch_size=uc.embed_batch_size, batch_format="numpy", num_cpus=cfg.ingest.num_cpus_per_task,
-        num_gpus=embed_gpus(cfg), compute=ray.data.ActorPoolStrategy(size=uc.embed_actors)).take_all()
+        num_gpus=embed_gpus(cfg), compute=ray.data.ActorPoolStrategy(size=embed_actors(cfg))).take_all()
     by_prompt = {r["prompt"]: np.asarray(r["embedding"]) for r in out}
     return np.stack([by_prompt[r["prompt"]] for r in rows])
 
@@ -138,24 +153,29 @@ def _join_weights(table: pa.Table, ref: list) -> pa.Table:
 
 
 def weigh_distinct_prompts(ds, clf: UDMClassifier, model_dir: str, cfg: Config):
-    """(weighted dataset, distinct thumbs-down prompts): each distinct thumbs-down prompt is
+    """(weighted dataset, the weighing pass's report): each distinct thumbs-down prompt is
     embedded and weighed once (a groupby on its key, then the weigher's actor pool); the weights
     go back to every row through a sorted key table in the object store, which the driver never
     holds (D x 12 bytes: 120 MB at 1e7 distinct prompts)."""
     import ray
 
     uc, cpus = cfg.udm, cfg.ingest.num_cpus_per_task
+    actors, t0 = embed_actors(cfg), time.time()
     distinct = ds.map_batches(_down_prompts, batch_format="pyarrow", num_cpus=cpus) \
         .groupby("prompt_key").map_groups(_first, batch_format="pyarrow", num_cpus=cpus)
     weights = distinct.map_batches(
         UDMWeigher, fn_constructor_kwargs={"model_dir": model_dir, "classifier_json": clf.to_json(),
                                            "batch_size": uc.embed_batch_size},
         batch_size=uc.embed_batch_size, batch_format="pyarrow", num_cpus=cpus, num_gpus=embed_gpus(cfg),
-        compute=ray.data.ActorPoolStrategy(size=uc.embed_actors)).select_columns(["prompt_key", "weight"]).materialize()
-    n_distinct = weights.count()
+        compute=ray.data.ActorPoolStrategy(size=actors)).select_columns(["prompt_key", "weight"]).materialize()
+    n_distinct, seconds = weights.count(), time.time() - t0
+    report = {"distinct_down_prompts": n_distinct, "embed_actors": actors, "weigh_seconds": round(seconds, 1),
+              # the whole pass (read, key, group, embed): a floor for the embedder's own rate
+              "prompts_per_s": round(n_distinct / max(seconds, 1e-9), 1),
+              "prompts_per_s_per_actor": round(n_distinct / max(seconds, 1e-9) / actors, 1)}
     table = ray.remote(_weight_table).options(num_cpus=cpus).remote(*weights.to_arrow_refs())
     weighted = ds.map_batches(_join_weights, fn_kwargs={"ref": [table]}, batch_format="pyarrow", num_cpus=cpus)
-    return weighted, n_distinct
+    return weighted, report
 
 
 def _add_unit_weight(table: pa.Table) -> pa.Table:
@@ -236,12 +256,13 @@ def fit_and_weigh(ds, cfg: Config, fs, udm_dir: str):
                                   num_cpus=cfg.ingest.num_cpus_per_task)
         return weighted, {"enabled": True, "applied": True, "decision": decision, "embedding_passes": 1,
                           **{k: v for k, v in clf.metrics.items() if k != "heldout_calibration"}}
-    weighted, n_distinct = weigh_distinct_prompts(ds, clf, model_dir, cfg)
+    weighted, weighing = weigh_distinct_prompts(ds, clf, model_dir, cfg)
     down_rows = sum(n for (_, label), n in counts.items() if not label)
-    console.say(f"[udm] {down_rows} thumbs-down rows, {n_distinct} distinct prompts embedded "
-                f"({1 - n_distinct / max(down_rows, 1):.0%} repeats)")
+    console.say(f"[udm] {down_rows} thumbs-down rows, {weighing['distinct_down_prompts']} distinct prompts embedded "
+                f"({1 - weighing['distinct_down_prompts'] / max(down_rows, 1):.0%} repeats) by "
+                f"{weighing['embed_actors']} actor(s): {weighing['prompts_per_s_per_actor']} prompts/s each")
     return weighted, {"enabled": True, "applied": True, "decision": decision, "embedding_passes": 2,
-                      "down_rows": down_rows, "distinct_down_prompts": n_distinct,
+                      "down_rows": down_rows, **weighing,
                       **{k: v for k, v in clf.metrics.items() if k != "heldout_calibration"}}
 
 
