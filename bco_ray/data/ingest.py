@@ -173,7 +173,7 @@ def _input_units(cfg: Config, first_known: bool = False) -> tuple[list[dict], in
         return day is None or not ((ic.date_from and day < ic.date_from) or (ic.date_to and day > ic.date_to))
 
     # The pre-flight reads footers one by one and stops at the first known schema.
-    footers = (iter(map(lambda p: _footer(fs, p), filter(wanted, listed))) if first_known
+    footers = (map(lambda p: _footer(fs, p), filter(wanted, listed)) if first_known
                else storage.parallel_map(lambda p: _footer(fs, p), [p for p in listed if wanted(p)], FOOTER_THREADS))
     for path in listed:
         day = storage.partition_value(path, ic.partition_key)

@@ -2,8 +2,8 @@
 
 The step itself is `bco_ray.train.step.train_step` (no Ray); the data order is
 `bco_ray.train.batching` (no Ray), read by `bco_ray.train.rank_data` through
-`bco_ray.train.shards`. This file only wires
-them to Ray Train: `ray.train.report` with the checkpoints, and the process group Ray set up.
+`bco_ray.train.shards`. This file only wires them to Ray Train: `ray.train.report` with the
+checkpoints, and the process group Ray set up.
 Everything above `worker_loop` imports neither Ray nor pyarrow, so the GPU benchmarks run
 it on machines that have only torch and transformers.
 """

@@ -123,14 +123,15 @@ def complete_pairs(meta: pa.Table, split: str) -> set:
     return {p for p, v in pairs.items() if sorted(v) == [False, True]}
 
 
-def count_units(meta: pa.Table, loss: str) -> dict:
-    """Rows per split and label, and the units (DPO: complete pairs) training will see."""
+def count_units(meta: pa.Table, pairs: dict | None) -> dict:
+    """Rows per split and label, and the units training will see (DPO, `pairs` given: each
+    split's complete pairs)."""
     out = {}
     for split in ("train", "eval"):
         t = meta.filter(pc.equal(meta.column("split"), split))
         labels = t.column("label").to_numpy(zero_copy_only=False)
         n = {"rows": t.num_rows, "up": int(labels.sum()), "down": int((~labels).sum())}
-        n["units"] = len(complete_pairs(meta, split)) if loss == "dpo" else t.num_rows
+        n["units"] = len(pairs[split]) if pairs is not None else t.num_rows
         out[split] = n
     return out
 
@@ -220,7 +221,9 @@ def train(cfg: Config, _fail_at_step: int | None = None, _fail_marker: str | Non
         raise ValueError("KTO needs the mismatched-pair reference log-probs: run score-ref with "
                          "--objective.loss kto (or --score.kl_pairs on)")
     meta = pads.dataset(data_dir, filesystem=fs, format="parquet").to_table(columns=["split", "label", "pair_id"])
-    counts = count_units(meta, cfg.objective.loss)
+    # DPO trains on complete pairs: found once, for the counts and for the written order.
+    pairs = {split: complete_pairs(meta, split) for split in ("train", "eval")} if cfg.objective.loss == "dpo" else None
+    counts = count_units(meta, pairs)
     p = plan(cfg, counts)
     console.say(f"[train] {counts['train']['units']} train units ({counts['train']['up']} up / "
                 f"{counts['train']['down']} down rows), {counts['eval']['units']} eval units; global batch "
@@ -239,14 +242,14 @@ def train(cfg: Config, _fail_at_step: int | None = None, _fail_marker: str | Non
 
     console.status("writing the splits in the global order")
     chunk = chunk_units(p["global_batch_units"], tc.shuffle_chunk)
-    pairs = {split: complete_pairs(meta, split) for split in ("train", "eval")} if cfg.objective.loss == "dpo" else {}
     order_meta = {"data": scored_manifest.get("key"), "seed": cfg.run.seed, "loss": cfg.objective.loss,
                   "interleave_labels": tc.interleave_labels, "columns": columns}
-    order = {split: {"dir": storage.join(store_path, tc.name, "order", split),
-                     **write_order(data_dir, fs, split, columns, counts[split]["rows"], cfg, store_fs,
-                                   storage.join(store_path, tc.name, "order", split), chunk, order_meta,
-                                   pairs.get(split))}
-             for split in ("train", "eval")}
+    order = {}
+    for split in ("train", "eval"):
+        out_dir = storage.join(store_path, tc.name, "order", split)
+        order[split] = {"dir": out_dir, **write_order(data_dir, fs, split, columns, counts[split]["rows"], cfg,
+                                                      store_fs, out_dir, chunk, order_meta,
+                                                      pairs[split] if pairs is not None else None)}
 
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0 if tc.use_gpu is None else tc.use_gpu
     resources = {"CPU": tc.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
