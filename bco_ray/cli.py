@@ -37,7 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     parent = _config_parent()
-    sub.add_parser("align", parents=[parent], help="run the whole pipeline (every stage below, in order)")
+    al = sub.add_parser("align", parents=[parent], help="run the whole pipeline (every stage below, in order)")
+    al.add_argument("--since", metavar="last|DAY", default=None,
+                    help="the continuous loop: read only the log's days after the last run's watermark (or after "
+                         "DAY), starting from the promoted model (= --loop.since)")
     sub.add_parser("assets", parents=[parent], help="stage: materialise the bundled models into the cache")
     sub.add_parser("prepare", parents=[parent],
                    help="stage: feedback logs (local/S3 parquet) -> cleaned, tokenized, split, UDM-weighted data")
@@ -53,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "writes the table and the best trial's overrides")
     sub.add_parser("serve", parents=[parent],
                    help="stage: the aligned model behind an OpenAI-compatible HTTP API (Ray Serve), with feedback")
+    ca = sub.add_parser("canary", help="a candidate model on a share of the users beside the promoted one: "
+                                       "start | status | promote | rollback")
+    ca.add_argument("action", choices=("start", "status", "promote", "rollback"))
+    ca.add_argument("--config", metavar="FILE", help="YAML config; dotted overrides follow, e.g. --canary.share 0.2")
+    ca.add_argument("--verbose", action="store_true", help="show Ray's own logs and full tracebacks on the console")
     sub.add_parser("compact", parents=[parent],
                    help="merge the feedback log's small files into one file per day and kind (no row lost)")
     sm = sub.add_parser("submit", parents=[parent],
@@ -80,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error(f"unexpected arguments: {' '.join(rest)}")
             print(docs_markdown())
             return 0
+        if getattr(args, "since", None):
+            rest = [*rest, "--loop.since", args.since]
         cfg = load_config(args.config, rest)  # validated here, before anything is submitted
     except (ConfigError, FileNotFoundError) as e:
         print(f"bco-ray: config error: {e}", file=sys.stderr)
@@ -106,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     con = console.activate(cfg.run.run_dir, args.verbose)
     con.log_only("bco-ray " + " ".join(redact_argv(sys.argv[1:] if argv is None else argv)))
     try:
-        return _run(args.command, cfg)
+        return _run(args.command if args.command != "canary" else f"canary-{args.action}", cfg)
     except KeyboardInterrupt:
         con.line("bco-ray: interrupted")
         return 130
@@ -193,6 +203,8 @@ def _run(command: str, cfg) -> int:
             name = getattr(cfg.model, role) or cfg.model.policy
             print(f"{role}: {assets.resolve_model(name, cfg.model.cache_dir)}")
         return 0
+    if command.startswith("canary-"):
+        return _canary(command.removeprefix("canary-"), cfg)
     preflight.check_before_ray(cfg, command)
     init_ray(cfg.ray)
     preflight.check_after_ray(cfg, command)
@@ -225,18 +237,11 @@ def _run(command: str, cfg) -> int:
         sweep(cfg)
         return 0
     if command == "serve":
-        import time
-
         from bco_ray.serve import stage as serve
 
         url = serve.start(cfg)
         print(f"[bco-ray] serving {cfg.serve.model_name} at {url} (Ctrl-C stops; feedback is flushed)", flush=True)
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            serve.stop()
-        return 0
+        return _serve_until_interrupted()
     if command == "compact":
         from bco_ray.data.compact import compact
 
@@ -248,6 +253,51 @@ def _run(command: str, cfg) -> int:
         align(cfg)
         return 0
     raise ValueError(f"unknown command {command}")
+
+
+def _serve_until_interrupted() -> int:
+    import time
+
+    from bco_ray.serve import stage as serve
+
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.stop()
+    return 0
+
+
+def _canary(action: str, cfg) -> int:
+    import json
+
+    from bco_ray.errors import UserError
+    from bco_ray.raycluster import init_ray, joins_cluster
+    from bco_ray.serve import canary
+
+    if action == "status":  # the registry and the logs: no cluster needed
+        s = canary.status(cfg)
+        print("\n".join(canary.status_lines(s)))
+        print(json.dumps(s))
+        return 0
+    local = not joins_cluster(cfg.ray)
+    if local and action != "start":
+        raise UserError(f"`canary {action}` changes the application a running cluster serves",
+                        "give that cluster: --ray.address HOST:6379 (or RAY_ADDRESS); locally, `ray start --head` "
+                        "first and run every canary command with --ray.address auto")
+    init_ray(cfg.ray)
+    if action == "start":
+        out = canary.start(cfg)
+        print(f"[bco-ray] canary: {out['uri']} answers {out['share']:.0%} of the users at {out['url']}, beside "
+              f"{out['promoted']}", flush=True)
+        if local:  # this process's cluster goes with it: keep serving, as `bco-ray serve` does
+            print("[bco-ray] serving until Ctrl-C (a local cluster lives as long as this command)", flush=True)
+            return _serve_until_interrupted()
+        return 0
+    out = canary.promote(cfg) if action == "promote" else canary.rollback(cfg)
+    print(f"[bco-ray] {'promoted' if action == 'promote' else 'rolled back'}: {out['uri']} answers every user",
+          flush=True)
+    return 0
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import platform
 import time
 from pathlib import Path
 
-from bco_ray import __version__, console
+from bco_ray import __version__, console, registry
 from bco_ray.config import Config, redacted, to_dict
 from bco_ray.errors import first_line
 from bco_ray.preflight import stages_of
@@ -83,6 +83,12 @@ def stage_serve(cfg: Config, run_dir: Path) -> dict:
 
     from bco_ray.serve import stage as serve
 
+    if serve.running():
+        # Serve runs one HTTP proxy per cluster: the smoke test would replace the application
+        # users are talking to, then shut Serve down.
+        console.say("[bco-ray] stage serve: this cluster already serves an application; not touched "
+                    "(`bco-ray canary start` puts the new model in front of a share of its users)")
+        return {"skipped_because": "a Serve application is running on this cluster"}
     url = serve.start(cfg)
     try:
         from bco_ray.serve.app import usable_keys
@@ -196,9 +202,14 @@ def summary_lines(manifest: dict, report: Path) -> list[str]:
                              f"{g['degenerate']['candidate']['rate']:.0%} (reference "
                              f"{g['degenerate']['reference']['rate']:.0%})"
                              + (f", KL {kl['per_token']:.4f} nats/token" if kl else "")))
-    if s := st.get("serve"):
+    if (s := st.get("serve")) and "skipped_because" in s:
+        rows.append(("served", f"not started: {s['skipped_because']}"))
+    elif s:
         rows.append(("served", f"{s['url']}: Q: {s['question']}"))
         rows.append(("answer", " ".join(str(s["answer"]).split())[:200]))
+    if (lp := manifest.get("loop")) and lp.get("recorded"):
+        rows.append(("loop", f"days {lp['days'][0] or '(all)'} to {lp['days'][1]} read; watermark {lp['watermark']} "
+                             f"in {lp['registry']}"))
     rows += [("report", str(report)), ("total time", f"{manifest.get('seconds', 0):.0f} s")]
     width = max(len(k) for k, _ in rows)
     return ["[bco-ray] summary"] + [f"  {k.ljust(width)}  {v}" for k, v in rows]
@@ -213,11 +224,19 @@ def align(cfg: Config) -> dict:
     path = run_dir / "manifest.json"
     previous = json.loads(path.read_text()).get("stages", {}) if path.exists() else {}
     cfg = credentials_to_environment(cfg)
+    cfg, loop = registry.plan(cfg)  # align --since: the new days, from the promoted model
+    if loop and loop["nothing_new"]:
+        console.say(f"[bco-ray] no new day of feedback: the last run read up to {loop['after']} and the days to "
+                    f"read end {loop['days'][1]} (loop.until {cfg.loop.until}); nothing to do")
+        return {"loop": loop, "stages": {}}
     init_ray(cfg.ray)
     # Stages not reached yet keep their previous entries (a crash before them must not make
     # the next run redo them; their keys are checked again anyway).
     manifest = {"bco_ray_version": __version__, "python": platform.python_version(),
-                "config": redacted(cfg), "stages": dict(previous)}
+                "config": redacted(cfg), "stages": dict(previous), **({"loop": loop} if loop else {})}
+    if loop:
+        console.say(f"[bco-ray] loop: days {loop['days'][0] or 'from the first'} to {loop['days'][1]}, starting from "
+                    f"{loop['started_from']}, reference {loop['reference']}")
     keys: dict = {}
     console.say(f"[bco-ray] {ray_description(cfg)}")
     t_start = time.time()
@@ -256,6 +275,8 @@ def align(cfg: Config) -> dict:
         path.write_text(json.dumps(manifest, indent=2))
         console.end_stage(f"[bco-ray] stage {name} done in {time.time() - t0:.1f}s")
     manifest["seconds"] = round(time.time() - t_start, 1)
+    if loop:  # the watermark moves only now: a failed or rejected run's days are read again next time
+        manifest["loop"]["recorded"] = registry.record_run(cfg, loop, manifest)
     path.write_text(json.dumps(manifest, indent=2))
     report = write_report(run_dir, manifest, _card(manifest, cfg))
     for line in summary_lines(manifest, report):

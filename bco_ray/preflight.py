@@ -44,7 +44,7 @@ def check_models(cfg: Config, stages: tuple[str, ...]) -> None:
             roles.append(("eval.judge_model", cfg.eval.judge_model))
     roles = list(dict.fromkeys(roles))
     for key, name in roles:
-        if name is None or name in ALIASES:
+        if name is None or name in ALIASES or "://" in name:  # s3:// exports are checked where they are read
             continue
         path = Path(name).expanduser()
         if not path.exists():

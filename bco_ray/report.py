@@ -154,7 +154,9 @@ def write_report(run_dir: Path, manifest: dict, card: dict | None) -> Path:
         lines += eval_section(e)
     elif e and e.get("disabled"):
         lines += ["", "## Evaluation", "", "Off (`eval.enabled: false`): the model was not checked before serving."]
-    if "serve" in st:
+    if "serve" in st and "skipped_because" in st["serve"]:
+        lines += ["", "## Served", "", f"Not started: {st['serve']['skipped_because']}."]
+    elif "serve" in st:
         s = st["serve"]
         lines += ["", "## Served", "", f"`{s['url']}` answered:", "", f"> **Q:** {s['question']}", ">",
                   f"> **A:** {s['answer']}"]

@@ -116,10 +116,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def ray_metrics(prefix: str, timeout: float = 60.0) -> list[str]:
+def ray_metrics(prefix: str, timeout: float = 60.0, want: tuple[str, ...] = ()) -> list[str]:
     """The sample lines of this local cluster's Prometheus endpoint (Ray's metrics agent) whose
     name starts with `prefix`, waiting up to `timeout` s for workers to report (they push every
-    few seconds)."""
+    few seconds) and, with `want`, for a line holding each of those strings (a process's
+    gauges can reach the endpoint one push before its counters)."""
     import time
     import urllib.request
 
@@ -130,7 +131,7 @@ def ray_metrics(prefix: str, timeout: float = 60.0) -> list[str]:
     while True:
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
         lines = [x for x in text.splitlines() if x.startswith(prefix)]
-        if lines or time.time() > deadline:
+        if (lines and all(any(w in x for x in lines) for w in want)) or time.time() > deadline:
             return lines
         time.sleep(2)
 

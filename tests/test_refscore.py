@@ -228,7 +228,7 @@ def test_vllm_cpu_and_hf_agree_in_fp32(prepared_tiny, tmp_path):
     # The engine's own counters went to Ray's metrics (score.vllm_metrics, on by default).
     from tests.conftest import ray_metrics
 
-    assert any("prompt_tokens" in x for x in ray_metrics("ray_vllm"))
+    assert any("prompt_tokens" in x for x in ray_metrics("ray_vllm", want=("prompt_tokens",)))
 
 
 @pytest.mark.ray

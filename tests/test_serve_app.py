@@ -24,16 +24,16 @@ def test_route_annotations_survive_the_trip_to_a_replica():
 
 
 def test_sampling_limits_are_normalised_per_request():
-    from bco_ray.serve.app import SEED_SPACE, APIError, _choice_sampling, _sampling
+    from bco_ray.serve.api import SEED_SPACE, APIError, choice_sampling, parse_sampling
 
-    greedy = [_sampling({"top_p": 0}, 64)[0], _sampling({"temperature": 1e-45}, 64)[0]]
+    greedy = [parse_sampling({"top_p": 0}, 64)[0], parse_sampling({"temperature": 1e-45}, 64)[0]]
     assert all(s.temperature == 0.0 and s.top_p == 1.0 for s in greedy)  # greedy, not a batch-wide crash
-    big = _sampling({"seed": 2**64 - 1, "temperature": 1}, 64)[0]
-    assert 0 <= big.seed < SEED_SPACE and 0 <= _choice_sampling(big, 1).seed < SEED_SPACE
-    assert _sampling({"seed": -5}, 64)[0].seed == SEED_SPACE - 5
+    big = parse_sampling({"seed": 2**64 - 1, "temperature": 1}, 64)[0]
+    assert 0 <= big.seed < SEED_SPACE and 0 <= choice_sampling(big, 1).seed < SEED_SPACE
+    assert parse_sampling({"seed": -5}, 64)[0].seed == SEED_SPACE - 5
     for bad in ({"seed": 2**70}, {"seed": 1.5}, {"seed": True}, {"top_p": -0.1}, {"temperature": 3}):
         try:
-            _sampling(bad, 64)
+            parse_sampling(bad, 64)
         except APIError as e:
             assert e.status == 400 and e.param == next(iter(bad)), bad
         else:
@@ -41,13 +41,13 @@ def test_sampling_limits_are_normalised_per_request():
 
 
 def test_text_that_is_not_utf8_is_refused_at_the_door():
-    from bco_ray.serve.app import APIError, _check_text
+    from bco_ray.serve.api import APIError, check_text
 
-    _check_text({"messages": [{"role": "user", "content": "héllo ✓"}], "comment": None})
+    check_text({"messages": [{"role": "user", "content": "héllo ✓"}], "comment": None})
     for body, where in (({"comment": "ok \ud800"}, "comment"),
                         ({"messages": [{"role": "user", "content": "\udfff"}]}, "messages")):
         try:
-            _check_text(body)
+            check_text(body)
         except APIError as e:
             assert e.status == 400 and e.param == where
         else:
@@ -117,10 +117,11 @@ class _Log:
 
 def _replica(engine):
     from bco_ray.config import load_config
-    from bco_ray.serve.app import OpenAIServer
+    from bco_ray.serve.model import ModelServer
 
-    server = object.__new__(OpenAIServer.func_or_class)  # the class under Serve's deployment
+    server = object.__new__(ModelServer.func_or_class)  # the class under Serve's deployment
     server.cfg, server.name, server.version, server.vllm = load_config(None, []), "m", "v1", False
+    server.fingerprint = "v1"
     server.engine, server.feedback_log, server.keys = engine, _Log(), []
     return server
 
@@ -154,7 +155,7 @@ def test_an_engine_error_mid_stream_is_an_error_event_without_done_and_nothing_i
         ids = engine.encode_chat([{"role": "user", "content": "hello"}])
         resp = await server._respond({"stream": True, "max_tokens": 20, "temperature": 0}, ids, "hello", "chatcmpl",
                                      "chat.completion.chunk", _chat_choice)
-        return [c if isinstance(c, str) else c.decode() async for c in resp.body_iterator]
+        return [c async for c in resp]
 
     events = asyncio.run(run())
     assert events[-1] != "data: [DONE]\n\n" and "data: [DONE]\n\n" not in events
@@ -183,7 +184,7 @@ def test_the_hf_engine_stops_decoding_when_the_client_goes_away():
         ids = engine.encode_text("hello")
         resp = await server._respond({"stream": True, "max_tokens": 400, "temperature": 1.0, "seed": 1}, ids,
                                      "hello", "cmpl", "text_completion", _chat_choice)
-        it = resp.body_iterator
+        it = resp
         for _ in range(3):
             await it.__anext__()
         await it.aclose()  # what Starlette does when the client disconnects
@@ -199,17 +200,12 @@ def test_a_megabyte_prompt_is_tokenized_off_the_event_loop():
     import asyncio
     import time
 
-    from starlette.requests import Request
-
-    from bco_ray.serve.app import APIError, OpenAIServer
+    from bco_ray.serve.api import APIError
 
     server = _replica(_tiny_engine())
     prompt = "word " * 190_000  # just under serve.max_request_bytes
     body = json.dumps({"model": "m", "prompt": prompt, "max_tokens": 4}).encode()
     gaps = []
-
-    async def receive():
-        return {"type": "http.request", "body": body, "more_body": False}
 
     async def ticker(done):
         last = time.monotonic()
@@ -222,10 +218,9 @@ def test_a_megabyte_prompt_is_tokenized_off_the_event_loop():
     async def run():
         done = asyncio.Event()
         tick = asyncio.create_task(ticker(done))
-        scope = {"type": "http", "method": "POST", "path": "/v1/completions", "headers": [], "query_string": b""}
         t0 = time.monotonic()
         try:
-            await OpenAIServer.func_or_class.completions(server, Request(scope, receive))
+            await server.completions(json.loads(body))
         except APIError as e:
             assert e.status == 413 and e.code == "context_length_exceeded"  # tokenized, then refused
         else:

@@ -42,7 +42,8 @@ def _post(url, body):
 def _replica(deployment: str) -> str:
     import ray
 
-    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if f"#{deployment}#" in a["name"]]
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if f"#{deployment}#" in a["name"] or (deployment == "model" and "#model-" in a["name"])]
     assert names, ray.util.list_named_actors(all_namespaces=True)
     return names[0]
 
@@ -145,7 +146,7 @@ def test_every_acknowledged_answer_and_thumb_survives_crashes_and_a_storage_outa
         phase("S3 unreachable", 30, recover=False)
         gate.reopen()
         phase("S3 back", 6)
-        ray.kill(ray.get_actor(_replica("OpenAIServer"), namespace="serve"), no_restart=False)
+        ray.kill(ray.get_actor(_replica("model"), namespace="serve"), no_restart=False)
         phase("model replica killed", 6)
     finally:
         stop.set()

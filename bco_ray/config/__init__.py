@@ -22,11 +22,13 @@ from bco_ray.config.sections import (
     DEFAULT_FALSE_LABELS,
     DEFAULT_TRUE_LABELS,
     JUDGE_PROMPT,
+    CanaryConfig,
     CompactConfig,
     Config,
     ConfigError,
     EvalConfig,
     IngestConfig,
+    LoopConfig,
     ModelConfig,
     ObjectiveConfig,
     RayConfig,
@@ -40,7 +42,7 @@ from bco_ray.config.sections import (
     knob,
 )
 
-__all__ = ["REDACTED", "DEFAULT_FALSE_LABELS", "DEFAULT_TRUE_LABELS", "JUDGE_PROMPT", "CompactConfig", "Config",
-           "ConfigError", "EvalConfig", "IngestConfig", "ModelConfig", "ObjectiveConfig", "RayConfig", "RunConfig",
+__all__ = ["REDACTED", "DEFAULT_FALSE_LABELS", "DEFAULT_TRUE_LABELS", "JUDGE_PROMPT", "CanaryConfig", "CompactConfig", "Config",
+           "ConfigError", "EvalConfig", "IngestConfig", "LoopConfig", "ModelConfig", "ObjectiveConfig", "RayConfig", "RunConfig",
            "ScoreConfig", "ServeConfig", "StorageConfig", "TrainConfig", "TuneConfig", "UDMConfig", "docs_markdown",
            "dump_yaml", "from_dict", "knob", "load_config", "parse_overrides", "redacted", "secret_keys", "to_dict"]

@@ -57,6 +57,7 @@ class ObjectiveConfig:
     beta: float = knob(0.1, "Reward scale beta in r = beta * (log pi - log pi_ref).")
     delta_mode: Literal["balanced", "pooled", "zero"] = knob("balanced", "Reward shift: mean of the per-label reward means ('balanced'), TRL's pooled mean ('pooled'), or none ('zero', an ablation).")
     delta_decay: float | None = knob(None, "EMA decay in (0, 1) for the reward shift on drifting data; null keeps cumulative means.")
+    reward_shift_from: str | None = knob(None, "A model directory (local or s3://) whose run card's final reward-shift state this run starts from (the continuous loop's carry, loop.carry_reward_shift); null: zero.")
     udm_weights: bool = knob(True, "BCO: apply the UDM weights prepare wrote; false trains plain BCO on the same prepared data (an ablation).")
     kto_desirable_weight: float = knob(1.0, "KTO lambda_D: weight of thumbs-up rows.")
     kto_undesirable_weight: float = knob(1.0, "KTO lambda_U: weight of thumbs-down rows.")
@@ -296,6 +297,29 @@ class ServeConfig:
     log_commit_seconds: float = knob(0.1, "Group commit: a request is answered once its served or feedback row is on storage; an idle log writes at once, a busy one at most this often, all waiting rows together.")
     log_commit_timeout_s: float = knob(30.0, "A request whose row is not on storage after this long (storage down) gets 503; the row is still written later.")
     served_cache_size: int = knob(100_000, "Served completions remembered for feedback (oldest forgotten first).")
+    gateway_replicas: int = knob(1, "Replicas of the gateway (keys, body checks, routing to a version: light, asynchronous).")
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """The continuous loop: `bco-ray align --since last` on each day's new feedback (docs/operations.md)."""
+
+    registry: str | None = knob(None, "The loop's state (state.json: the last run's watermark, the promoted model, the canary), local or s3://; null is <parent of run_dir>/registry, shared by sibling run directories.")
+    since: str | None = knob(None, "null: read the days ingest.date_from/date_to select; 'last': only the days after the last run's watermark (every day on the first run); or a day YYYY-MM-DD (read from the day after it).")
+    until: Literal["yesterday", "today"] = knob("yesterday", "With since set, the last day read: 'yesterday' (UTC) leaves the day still being written to the next run; ingest.date_to, when set, still caps it.")
+    start_from: Literal["promoted", "base"] = knob("promoted", "The weights training starts from: the registry's promoted model (the base while none is), or always model.policy.")
+    reference: Literal["base", "previous"] = knob("base", "The reference model: model.reference (or model.policy), or 'previous': the model training starts from.")
+    carry_reward_shift: bool = knob(False, "Start BCO's reward shift from the promoted model's final state (its run card) instead of zero; needs loop.reference base.")
+
+
+@dataclass(frozen=True)
+class CanaryConfig:
+    """`bco-ray canary start|status|promote|rollback`: a candidate on a share of the users, beside the promoted model."""
+
+    candidate: str | None = knob(None, "The model to try (HF directory or s3:// prefix); null: the registry's last run that passed its eval.")
+    share: float = knob(0.1, "Share of the users whose requests the candidate answers (sticky per user).")
+    sticky_header: str = knob("x-user-id", "Request header naming the user; without it the caller's API key, else a fresh draw per request.")
+    min_rated: int = knob(200, "Rated answers per version below which `canary status` gives no verdict.")
 
 
 @dataclass(frozen=True)
@@ -315,3 +339,5 @@ class Config:
     tune: TuneConfig = field(default_factory=TuneConfig, metadata={"help": "The hyperparameter sweep (bco-ray tune) on Ray Tune."})
     serve: ServeConfig = field(default_factory=ServeConfig, metadata={"help": "The OpenAI-compatible endpoint and its feedback log."})
     compact: CompactConfig = field(default_factory=CompactConfig, metadata={"help": "Merging the feedback log's small files (bco-ray compact)."})
+    loop: LoopConfig = field(default_factory=LoopConfig, metadata={"help": "Incremental runs on new feedback (align --since last)."})
+    canary: CanaryConfig = field(default_factory=CanaryConfig, metadata={"help": "A candidate model on a share of the traffic, then promoted or rolled back."})

@@ -97,10 +97,10 @@ def _feedback_tokenizer(cfg: Config):
     if key not in _TOKENIZERS:
         from transformers import AutoTokenizer
 
-        from bco_ray.assets import resolve_model
+        from bco_ray.assets import local_model_dir
         from bco_ray.data.tokenization import FeedbackTokenizer
 
-        path = resolve_model(cfg.model.policy, cfg.model.cache_dir)
+        path = local_model_dir(cfg.model.policy, cfg)
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
         _TOKENIZERS[key] = FeedbackTokenizer(tok, *key[2:])
     return _TOKENIZERS[key]

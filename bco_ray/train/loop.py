@@ -40,16 +40,17 @@ def build_policy(cfg: Config, device: torch.device, world: int):
     N / workers at load instead of the whole float32 model on every worker."""
     from transformers import AutoTokenizer
 
-    from bco_ray.assets import load_causal_lm, resolve_model
+    from bco_ray.assets import load_causal_lm, local_model_dir
 
     tc = cfg.train
     streamed = tc.meta_init and not tc.lora_r
-    model_dir = str(resolve_model(cfg.model.policy, cfg.model.cache_dir))
+    # An s3:// policy (the continuous loop's promoted model) is copied to this node's cache once.
+    model_dir = local_model_dir(cfg.model.policy, cfg)
     if streamed:
         lm = weights.empty_model(model_dir, cfg.model.trust_remote_code)
         tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=cfg.model.trust_remote_code)
     else:
-        lm, tok = load_causal_lm(cfg.model.policy, "float32", cfg.model.cache_dir, cfg.model.trust_remote_code)
+        lm, tok = load_causal_lm(model_dir, "float32", cfg.model.cache_dir, cfg.model.trust_remote_code)
     lm.config.use_cache = False
     if tc.attn_implementation != "sdpa":
         lm.set_attn_implementation(tc.attn_implementation)
@@ -322,6 +323,10 @@ def worker_loop(config: dict) -> None:
                 say(f"[train] {orphan}: complete but unregistered (a worker died right after reporting it)")
         if rank == 0:
             say(f"[train] resumed from step {state['step']} (delta {shift.value:+.4f})")
+    elif config.get("shift_init"):
+        shift.load_state_dict(config["shift_init"])  # the previous run's delta, carried (the loop)
+        if rank == 0:
+            say(f"[train] reward shift carried over from {cfg.objective.reward_shift_from} (delta {shift.value:+.4f})")
     state["fingerprint"] = config["fingerprint"]  # this run's settings from here on (train.resume force)
     nodes: list = [ray.get_runtime_context().get_node_id()] * world  # where the workers run (run card)
     if torch.distributed.is_initialized():

@@ -162,6 +162,30 @@ TRAJECTORY = ("epochs", "max_steps", "lr",
               "interleave_labels")
 
 
+def reward_shift_seed(cfg: Config) -> dict | None:
+    """The reward-shift state objective.reward_shift_from's run card ended with (None: start at
+    zero). Its means and counts continue here, as if this run's rewards followed that run's."""
+    src = cfg.objective.reward_shift_from
+    if not src:
+        return None
+    fs, path = storage.filesystem(src, cfg.storage)
+    try:
+        card = json.loads(storage.read_bytes(fs, storage.join(path, "run_card.json")))
+    except (FileNotFoundError, OSError):
+        raise UserError(f"objective.reward_shift_from {src}: no run_card.json there",
+                        "give a model directory that `bco-ray train` exported, or leave it null") from None
+    state = card.get("delta")
+    if not isinstance(state, dict) or state.get("version") != 1:
+        raise UserError(f"objective.reward_shift_from {src}: its run card holds no reward-shift state",
+                        "the model was trained with objective.loss kto/dpo or by an older bco-ray; leave it null")
+    mode = "pooled" if cfg.objective.delta_mode == "pooled" else "balanced"
+    if (state["mode"], state["decay"]) != (mode, cfg.objective.delta_decay):
+        raise UserError(f"objective.reward_shift_from {src}: its reward shift was kept with mode {state['mode']!r}, "
+                        f"decay {state['decay']}; this run keeps mode {mode!r}, decay {cfg.objective.delta_decay}",
+                        "use the same objective.delta_mode and delta_decay, or leave reward_shift_from null")
+    return {**state, "pending": [0.0, 0.0, 0.0, 0.0], "steps": 0}
+
+
 def run_fingerprint(cfg: Config, scored_manifest: dict) -> dict:
     """What a checkpoint must share with this run to be resumed by it: the scored data (its
     key: prepared files and reference), the policy, the seed, the objective and TRAJECTORY."""
@@ -240,6 +264,7 @@ def train(cfg: Config, _fail_at_step: int | None = None, _fail_marker: str | Non
         export_uri = os.path.abspath(export_uri)
     exports.check_target(export_uri, cfg.storage)  # now, not after hours of training
 
+    shift_init = reward_shift_seed(cfg)
     console.status("writing the splits in the global order")
     chunk = chunk_units(p["global_batch_units"], tc.shuffle_chunk)
     order_meta = {"data": scored_manifest.get("key"), "seed": cfg.run.seed, "loss": cfg.objective.loss,
@@ -260,7 +285,7 @@ def train(cfg: Config, _fail_at_step: int | None = None, _fail_marker: str | Non
     trainer = TorchTrainer(
         worker_loop,
         train_loop_config={"cfg": to_dict(cfg), **p, "console": sink.queue if sink else None, "eval_units": eval_units(cfg, counts), "order": order, "export": export_uri, "fingerprint": fingerprint,
-                           "tracking_uri": tracking, "storage_uri": store_uri, "fail_at_step": _fail_at_step, "fail_marker": _fail_marker},
+                           "shift_init": shift_init, "tracking_uri": tracking, "storage_uri": store_uri, "fail_at_step": _fail_at_step, "fail_marker": _fail_marker},
         scaling_config=ray.train.ScalingConfig(num_workers=tc.num_workers, use_gpu=use_gpu,
                                                resources_per_worker=resources, placement_strategy=tc.placement),
         run_config=ray.train.RunConfig(
