@@ -218,6 +218,41 @@ def read_parquet(path: str | list[str], fs: pafs.FileSystem, num_cpus: float, co
     return ds.select_columns(columns) if columns else ds
 
 
+SORT_PIECE_ROWS = 1000  # rows of one (input block, output block) piece of the sort shuffle, at least
+
+
+def shuffle_partitions(rows: int, strategy: str) -> int:
+    """Partitions of a shuffle by key (dedup, UDM's distinct prompts) of about `rows` rows.
+
+    The sort shuffle's map tasks return one piece per (input, output) partition pair, owned
+    by the driver, and Ray keeps a returned object under 100 KB in its owner's memory: with
+    pieces of a few rows the whole log came to rest in the driver (2.2 GB at 1e6 rows with
+    245 x 245 pieces). So partitions stay at sqrt(rows / 1,000): pieces of >= 1,000 rows
+    (~1 MB) go to the object store, 1e4 pieces at 1e7 rows; capped at 200 (blocks of 5e5 rows
+    at 1e8, where the hash shuffle is the better choice).
+    The hash shuffle's aggregators take any number, and its partitions grow so one stays under
+    ~125k rows (about 250 MB at 2 KB a row): 200 at 1e7 rows, 800 at 1e8."""
+    import math
+
+    if strategy == "sort":
+        return min(200, max(1, math.isqrt(rows // SORT_PIECE_ROWS)))
+    return min(max(1, rows // 20_000), max(200, rows // 125_000))
+
+
+def co_locate(ds, key: str, rows: int, strategy: str):
+    """`ds` shuffled so that every block holds all the rows of each of its keys (`rows`: about
+    how many it has; `strategy`: IngestConfig.shuffle).
+
+    Ray's sort takes as many outputs as it has input blocks, so the blocks are first split and
+    combined (no shuffle) to `shuffle_partitions`. A streaming repartition by rows per block
+    does not do it: it splits large blocks but leaves each task's small ones (1e6 rows read as
+    208 blocks, 43k pieces of ~23 rows, and the driver +757 MB; merged to 31 blocks, +35 MB)."""
+    partitions = shuffle_partitions(rows, strategy)
+    if strategy == "hash":
+        return ds.repartition(partitions, keys=[key])
+    return ds.repartition(partitions).sort(key)
+
+
 def _count_block(table, columns: list[str]):
     return table.group_by(columns, use_threads=False).aggregate([([], "count_all")])
 

@@ -1,13 +1,14 @@
 """`prepare` throughput and memory at scale, 1 vs 2 CPUs.
 
     python bench/ingest.py                     # 1e5 and 1e6 rows, UDM off, 1 and 2 CPUs
-    python bench/ingest.py --rows 1e5 --udm    # with UDM (embeds every thumbs-down prompt)
-    python bench/ingest.py --rows 1e7          # if you have the disk and the hour
+    python bench/ingest.py --rows 1e5 --udm off on --repeat 0.5   # UDM's cost where prompts repeat
+    python bench/ingest.py --rows 1e7 --cpus 2  # if you have the disk and the hours
     python bench/ingest.py --layout large small  # also many small files, as the serve stage writes them
 
 Each run is a fresh process tree pinned to N cores (taskset) with a local Ray cluster of N
-CPUs. Prompts are made unique (as in production, where few rows repeat). A sampler thread
-reads the RSS of the driver and of every process below it (raylet, GCS, Ray workers)
+CPUs. Every prompt is unique, except that a share --repeat of the rows asks again an earlier
+row's prompt (uniformly drawn): UDM embeds each distinct thumbs-down prompt once. A sampler
+thread reads the RSS of the driver and of every process below it (raylet, GCS, Ray workers)
 every 0.5 s. If memory did not stream, the peaks would grow with the number of rows.
 """
 
@@ -56,25 +57,28 @@ def child(args) -> None:
     threading.Thread(target=sample, daemon=True).start()
     cfg = load_config(None, ["--ingest.input", args.input, "--ingest.label_column", "feedback",
                              "--model.policy", args.model, "--run.run_dir", args.out,
-                             "--udm.enabled", str(args.udm).lower(),
-                             "--udm.embed_actors", str(max(1, args.cpus))])
+                             "--udm.enabled", str(args.udm == "on").lower()])
     t0 = time.time()
     m = prepare(cfg)
     seconds = time.time() - t0
     stop.set()
+    udm = m["udm"]
     print(json.dumps({"rows": m["rows_read"], "kept": m["kept"], "seconds": round(seconds, 1),
-                      "rows_per_s": round(m["rows_read"] / seconds), **{k: round(v) for k, v in peak.items()}}))
+                      "rows_per_s": round(m["rows_read"] / seconds), **{k: round(v) for k, v in peak.items()},
+                      "udm_prompts": udm.get("distinct_down_prompts"), "udm_down_rows": udm.get("down_rows"),
+                      "udm_seconds": udm.get("weigh_seconds"), "udm_actors": udm.get("embed_actors"),
+                      "udm_prompts_per_s_per_actor": udm.get("prompts_per_s_per_actor")}))
     ray.shutdown()
 
 
-def run(rows: int, cpus: int, log: str, args) -> dict:
+def run(rows: int, cpus: int, udm: str, log: str, args) -> dict:
     out = tempfile.mkdtemp(prefix="bcb-out-")
     try:
         # Ray's num_cpus is a scheduling budget, not a core limit: pin the whole process
         # tree (driver, raylet, workers) to N cores so that "1 CPU" means one core.
         pin = ["taskset", "-c", f"0-{cpus - 1}"] if shutil.which("taskset") else []
         cmd = pin + [sys.executable, __file__, "--child", "--cpus", str(cpus), "--input", log, "--out", out,
-               "--model", args.model] + (["--udm"] if args.udm else [])
+               "--model", args.model, "--udm", udm]
         res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         if res.returncode:
             sys.stderr.write(res.stderr[-3000:])
@@ -93,7 +97,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=float, nargs="+", default=[1e5, 1e6])
     p.add_argument("--cpus", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--udm", action="store_true", help="also fit UDM and weigh every thumbs-down row")
+    p.add_argument("--udm", nargs="+", default=["off"], choices=["off", "on"],
+                   help="UDM off and/or on (on: fit, then embed and weigh each distinct thumbs-down prompt)")
+    p.add_argument("--repeat", type=float, default=0.0, help="share of rows that ask an earlier row's prompt again")
     p.add_argument("--layout", nargs="+", default=["large"], choices=["large", "small"],
                    help="large: 4 files a day; small: files of --small-rows rows (the serve stage's logs)")
     p.add_argument("--small-rows", type=int, default=500)
@@ -103,7 +109,7 @@ def main() -> None:
     p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        args.cpus = args.cpus[0]
+        args.cpus, args.udm = args.cpus[0], args.udm[0]
         child(args)
         return
     from bco_ray.data.demo_data import write_log
@@ -115,23 +121,31 @@ def main() -> None:
             try:
                 t0 = time.time()
                 per_day = 4 if layout == "large" else max(1, rows // (4 * args.small_rows))
-                w = write_log(log, rows, seed=0, shift=0.5, dirty=0.02, days=4, files_per_day=per_day, unique=True)
+                w = write_log(log, rows, seed=0, shift=0.5, dirty=0.02, days=4, files_per_day=per_day, unique=True,
+                              repeat=args.repeat)
                 print(f"# generated {rows:,} rows in {w['files']:,} files in {time.time() - t0:.0f}s", flush=True)
-                for cpus in args.cpus:
-                    r = {"layout": f"{layout} ({w['files']:,} files)", "cpus": cpus, **run(rows, cpus, log, args)}
-                    print(json.dumps(r), flush=True)
-                    results.append(r)
+                for udm in args.udm:
+                    for cpus in args.cpus:
+                        r = {"layout": f"{layout} ({w['files']:,} files)", "cpus": cpus, "udm": udm,
+                             **run(rows, cpus, udm, log, args)}
+                        print(json.dumps(r), flush=True)
+                        results.append(r)
             finally:
                 shutil.rmtree(log, ignore_errors=True)
-    print(f"\n| layout | rows | CPUs | seconds | rows/s | speed-up | driver peak MB | all workers peak MB | "
-          f"largest worker MB |  (UDM {'on' if args.udm else 'off'})")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"\n| layout | rows | UDM | CPUs | seconds | rows/s | speed-up | UDM cost | driver peak MB | "
+          f"all workers peak MB | largest worker MB | UDM prompts (of thumbs-down rows) | UDM prompts/s/actor |"
+          f"  (repeat {args.repeat:.0%})")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        base = next(x for x in results if x["rows"] == r["rows"] and x["layout"] == r["layout"]
-                    and x["cpus"] == min(args.cpus))
-        print(f"| {r['layout']} | {r['rows']:,} | {r['cpus']} | {r['seconds']} | {r['rows_per_s']:,} | "
-              f"{r['rows_per_s'] / base['rows_per_s']:.2f}x | {r['driver_mb']} | {r['workers_mb']} | "
-              f"{r['largest_worker_mb']} |")
+        same = [x for x in results if x["rows"] == r["rows"] and x["layout"] == r["layout"]]
+        base = next(x for x in same if x["udm"] == r["udm"] and x["cpus"] == min(args.cpus))
+        off = next((x for x in same if x["udm"] == "off" and x["cpus"] == r["cpus"]), None)
+        cost = f"{r['seconds'] / off['seconds']:.2f}x" if r["udm"] == "on" and off else ""
+        udm = f"{r['udm_prompts']:,} ({r['udm_down_rows']:,})" if r["udm_prompts"] is not None else ""
+        rate = f"{r['udm_prompts_per_s_per_actor']} x {r['udm_actors']}" if r["udm_prompts"] is not None else ""
+        print(f"| {r['layout']} | {r['rows']:,} | {r['udm']} | {r['cpus']} | {r['seconds']} | {r['rows_per_s']:,} | "
+              f"{r['rows_per_s'] / base['rows_per_s']:.2f}x | {cost} | {r['driver_mb']} | {r['workers_mb']} | "
+              f"{r['largest_worker_mb']} | {udm} | {rate} |")
 
 
 if __name__ == "__main__":

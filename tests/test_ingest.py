@@ -219,7 +219,8 @@ def test_each_distinct_thumbs_down_prompt_is_embedded_once_and_its_weight_joined
     clf = UDMClassifier(coef=(rng.normal(size=384) * 0.5).tolist(), intercept=0.1, embedder="all-minilm-l6-v2",
                         max_embed_length=64, min_density_ratio=0.5, max_density_ratio=10.0)
     cfg = load_config(None, BASE + ["--udm.embed_batch_size", "16"])
-    weighted, report = weigh_distinct_prompts(ray.data.from_arrow(table).repartition(6), clf, model_dir, cfg)
+    down = sum(not r["label"] for r in rows)
+    weighted, report = weigh_distinct_prompts(ray.data.from_arrow(table).repartition(6), down, clf, model_dir, cfg)
     got = {r["row_id"]: r["weight"] for r in weighted.take_all()}
     assert report["distinct_down_prompts"] == len({r["prompt"] for r in rows if not r["label"]}) == 40
     # udm.embed_actors null: one per CPU of the cluster less one, and the pass's rate per actor
@@ -269,11 +270,67 @@ def test_footers_of_many_small_files_on_s3_are_read_in_parallel_in_listing_order
     assert list(gen) == [i * i for i in range(1, 100)]
 
 
+def test_a_block_is_resolved_as_each_of_its_groups_alone():
+    """`_resolve` keeps single-row keys in Arrow and sends only repeated keys through
+    resolve_group: every row's status, reason, duplicate_of and raw must be those of
+    resolve_group on its key's rows (duplicates, conflicts under every policy, repeated votes)."""
+    from bco_ray.data.ingest import STAGE2_SCHEMA, _resolve
+    from bco_ray.data.normalise import NORMALISED_SCHEMA, resolve_group
+
+    rng = np.random.default_rng(3)
+    rows = []
+    for i in range(3000):
+        key = int(rng.integers(2000))  # ~1/3 of the keys repeat, some several times
+        vote = f"v{rng.integers(40)}" if rng.random() < 0.2 else None
+        rows.append({"row_id": f"f:0:{i:05d}", "source": "s", "day": None, "status": "ok", "reason": None,
+                     "raw": None, "prompt": f"p{key}", "prompt_messages": None, "completion": f"c{key}",
+                     "label": bool(rng.random() < 0.5), "pair_id": None, "pair_key": key, "vote_key": vote,
+                     "voted_at": f"t{rng.integers(9)}" if vote else None, "served_key": None})
+    block = pa.Table.from_pylist(rows, schema=NORMALISED_SCHEMA).drop_columns(["status"])  # as read from status=ok/
+    for policy in ("majority", "quarantine", "keep"):
+        got = {r["row_id"]: r for r in _resolve(block, policy).to_pylist()}
+        groups: dict = {}
+        for r in rows:
+            groups.setdefault(r["pair_key"], []).append({**r, "duplicate_of": None})
+        want = {r["row_id"]: r for g in groups.values() for r in resolve_group([dict(x) for x in g], policy)}
+        assert len(got) == len(rows) and got.keys() == want.keys()
+        fields = ("status", "reason", "duplicate_of", "label", "prompt", "pair_key")
+        assert all(tuple(got[k][f] for f in fields) == tuple(want[k][f] for f in fields) for k in got), policy
+        assert all((got[k]["raw"] is None) == (want[k]["status"] != "quarantined") for k in got)
+        assert Counter(r["status"] for r in got.values())["deduplicated"] > 100  # the slow path ran
+    assert _resolve(block, "majority").schema == STAGE2_SCHEMA
+
+
+@pytest.mark.parametrize("strategy", ["sort", "hash"])
+def test_the_dedup_shuffle_puts_each_key_in_one_block(ray_local, strategy):
+    """What `_resolve` and UDM's distinct prompts rely on: after `co_locate` every key's rows
+    are in one block, and the sort shuffle has `shuffle_partitions` blocks, not one per read
+    block (its pieces, driver-owned, are blocks x blocks)."""
+    import ray
+
+    from bco_ray.storage import co_locate, shuffle_partitions
+
+    n = 90_000
+    keys = np.random.default_rng(0).integers(0, 30_000, n)
+    ds = ray.data.from_arrow(pa.table({"k": keys, "i": np.arange(n)})).repartition(45)  # 2,000-row blocks
+    out = co_locate(ds, "k", n, strategy)
+    where: dict = {}
+    blocks = [ray.get(ref) for ref in out.to_arrow_refs()]
+    for b, t in enumerate(blocks):
+        for k in set(t["k"].to_pylist()):
+            where.setdefault(k, set()).add(b)
+    assert sum(t.num_rows for t in blocks) == n and len(where) == len(set(keys.tolist()))
+    assert all(len(b) == 1 for b in where.values())
+    if strategy == "sort":
+        assert len(blocks) == shuffle_partitions(n, "sort") == 9
+
+
 def test_dedup_partitions_grow_with_the_log_under_the_hash_shuffle():
-    from bco_ray.data.ingest import shuffle_partitions
+    from bco_ray.storage import shuffle_partitions
 
     sizes = (0, 5_000, 100_000, 1_000_000, 10**7, 10**8)
     assert [shuffle_partitions(n, "hash") for n in sizes] == [1, 1, 5, 50, 200, 800]
     assert all(n / shuffle_partitions(n, "hash") <= 125_000 for n in (10**7, 10**8, 10**9))
-    # the sort shuffle's object count is blocks x partitions: it stays at 200
-    assert [shuffle_partitions(n, "sort") for n in sizes] == [1, 1, 5, 50, 200, 200]
+    # the sort shuffle's pieces (rows / partitions^2 rows each) stay >= 1,000 rows, at most 200
+    assert [shuffle_partitions(n, "sort") for n in sizes] == [1, 2, 10, 31, 100, 200]
+    assert all(n / shuffle_partitions(n, "sort") ** 2 >= 1000 for n in (10**4, 10**6, 10**7, 10**8))

@@ -109,7 +109,6 @@ class IngestConfig:
     eval_fraction: float = knob(0.05, "Share of prompts (by hash, so one prompt never lands in both) in the eval split.")
     output: str | None = knob(None, "Output directory (local or s3://); null is <run_dir>/prepared.")
     shuffle: Literal["sort", "hash"] = knob("sort", "Dedup shuffle: 'sort' (tasks; any cluster size) or 'hash' (Ray's aggregator actors: faster on big clusters, but they reserve CPUs and hang a 1-CPU cluster).")
-    rows_per_block: int = knob(4096, "Rows per Ray Data block when reading: smaller blocks spread small files over more workers.")
     num_cpus_per_task: float = knob(0.5, "CPUs per read/tokenize task or actor (fractional: whole CPUs starve Ray Data on small machines).")
 
 

@@ -64,15 +64,22 @@ SHIFTED = ("finance", "health")  # topics users thumb down more when shift > 0
 
 
 def synth_rows(n: int, seed: int = 0, shift: float = 0.0, p_helpful: float = 0.5,
-               start: dt.datetime | None = None, days: int = 3, unique: bool = False) -> dict:
+               start: dt.datetime | None = None, days: int = 3, unique: bool = False, repeat: float = 0.0) -> dict:
     """n clean rows as columns. Returns also `topic` and `helpful` (ground truth, for tests).
-    unique: append a per-request detail so no two prompts repeat (benchmarks)."""
+    unique: append a per-request detail so no two prompts repeat (benchmarks); repeat: with
+    unique, this share of the rows asks again the prompt of a uniformly drawn earlier row."""
     rng = np.random.default_rng(seed)
     topics = list(TOPICS)
     t = rng.integers(0, len(topics), n)
     q = rng.integers(0, 3, n)
     s = rng.integers(0, 10, n)
     ctx = rng.integers(0, len(CONTEXTS), n)
+    ident = np.arange(n)
+    if repeat:  # a repeat asks the earlier row's question: its topic, wording, subject and detail
+        earlier = (rng.random(n) * np.arange(n)).astype(int)
+        for i in np.flatnonzero(rng.random(n) < repeat)[1:] if n > 1 else []:
+            j = earlier[i]
+            t[i], q[i], s[i], ctx[i], ident[i] = t[j], q[j], s[j], ctx[j], ident[j]
     helpful = rng.random(n) < p_helpful
     a, b = rng.integers(0, len(TIPS), n), rng.integers(0, len(TIPS), n)
     hv, uv = rng.integers(0, len(HELPFUL), n), rng.integers(0, len(UNHELPFUL), n)
@@ -86,7 +93,7 @@ def synth_rows(n: int, seed: int = 0, shift: float = 0.0, p_helpful: float = 0.5
     for i in range(n):
         topic = topics[t[i]]
         x = SUBJECTS[topic][s[i]]
-        detail = f" (Order #{seed}-{i}.)" if unique else ""
+        detail = f" (Order #{seed}-{ident[i]}.)" if unique else ""
         prompts.append(TOPICS[topic][q[i]].format(x=x) + CONTEXTS[ctx[i]] + detail)
         tpl = HELPFUL[hv[i]] if helpful[i] else UNHELPFUL[uv[i]]
         completions.append(tpl.format(x=x, a=TIPS[a[i]], b=TIPS[b[i]]))
@@ -136,9 +143,9 @@ LOG_COLUMNS = ["request_id", "ts", "model_version", "prompt", "completion", "fee
 
 def write_log(out: str, rows: int, seed: int = 0, shift: float = 0.0, dirty: float = 0.0,
               days: int = 3, files_per_day: int = 2, variants: bool = False, filesystem=None,
-              row_group_size: int = 50_000, unique: bool = False) -> dict:
+              row_group_size: int = 50_000, unique: bool = False, repeat: float = 0.0) -> dict:
     """Write a partitioned log under `out` (local path, or a path inside `filesystem`)."""
-    cols = synth_rows(rows, seed, shift, days=days, unique=unique)
+    cols = synth_rows(rows, seed, shift, days=days, unique=unique, repeat=repeat)
     if dirty:
         cols = add_dirt(cols, seed, dirty)
     n = len(cols["prompt"])

@@ -76,15 +76,33 @@ def _example_json(r: dict) -> str:
 STAGE2_SCHEMA = NORMALISED_SCHEMA.append(pa.field("duplicate_of", pa.string()))
 
 
-def _resolve(group: pa.Table, policy: str) -> pa.Table:
-    rows = group.to_pylist()
-    for r in rows:  # the hive directory status=ok may or may not come back as a column
-        r["status"], r["duplicate_of"] = "ok", None
-    rows = resolve_group(rows, policy)
+def _resolve(block: pa.Table, policy: str) -> pa.Table:
+    """Ray Data: a block of the shuffle by pair_key, each key's rows all in it -> resolved rows.
+
+    Nearly every key holds one row (a row without a duplicate, a conflict or a repeated vote):
+    those stay in Arrow, status ok. Only keys with several rows go through `resolve_group` as
+    Python rows. (Ray's map_groups called a function per key: a Python call and two table
+    conversions for every row of a log whose prompts rarely repeat.)"""
+    import pyarrow.compute as pc
+
+    counts = pc.value_counts(block["pair_key"])
+    several = pc.is_in(block["pair_key"], value_set=counts.field("values").filter(
+        pc.greater(counts.field("counts"), 1)))
+    single = block.filter(pc.invert(several))
+    n = single.num_rows
+    columns = {f.name: (pa.array(["ok"] * n, f.type) if f.name == "status"
+                        else single[f.name].cast(f.type) if f.name in single.column_names
+                        else pa.nulls(n, f.type)) for f in STAGE2_SCHEMA}
+    groups: dict[int, list[dict]] = {}
+    for r in block.filter(several).to_pylist():
+        r["status"], r["duplicate_of"] = "ok", None  # the hive directory status=ok may come back as a column
+        groups.setdefault(r["pair_key"], []).append(r)
+    rows = [r for g in groups.values() for r in resolve_group(g, policy)]
     for r in rows:
         if r["status"] == "quarantined" and r["raw"] is None:
             r["raw"] = _example_json(r)
-    return pa.Table.from_pylist(rows, schema=STAGE2_SCHEMA)
+    return pa.concat_tables([pa.table(columns, schema=STAGE2_SCHEMA),
+                             pa.Table.from_pylist(rows, schema=STAGE2_SCHEMA)])
 
 
 _TOKENIZERS: dict = {}
@@ -124,14 +142,16 @@ def _tokenize(table: pa.Table, cfg: Config) -> pa.Table:
     rows = table.to_pylist()
     for r in rows:
         r.update({name: None for name, _ in TOKEN_FIELDS})
-        if r["status"] != "ok":
-            continue
-        try:
-            r.update(enc.encode(r["prompt"], r["prompt_messages"], r["completion"]))
-            r["split"] = split_of(r["prompt"], r["prompt_messages"], cfg.ingest.eval_fraction)
-        except Reject as e:
+    ok = [r for r in rows if r["status"] == "ok"]
+    encoded = enc.encode_many([r["prompt"] for r in ok], [r["prompt_messages"] for r in ok],
+                              [r["completion"] for r in ok])
+    for r, e in zip(ok, encoded, strict=True):
+        if isinstance(e, Reject):
             r["status"], r["reason"] = "quarantined", e.reason
             r["raw"] = _example_json(r)
+        else:
+            r.update(e)
+            r["split"] = split_of(r["prompt"], r["prompt_messages"], cfg.ingest.eval_fraction)
     schema = table.schema
     for name, typ in TOKEN_FIELDS:
         schema = schema.append(pa.field(name, typ))
@@ -243,16 +263,6 @@ def count_rows(fs, path: str) -> int:
     return sum(meta.num_rows for meta, _ in footers if not isinstance(meta, dict))
 
 
-def shuffle_partitions(rows: int, strategy: str) -> int:
-    """Dedup shuffle partitions: ~20k rows each on small logs (enough tasks for every core).
-    The sort shuffle makes blocks x partitions objects (4,096-row blocks: 2.4e4 blocks x 200 =
-    4.9e6 at 1e8 rows), so it stays at 200; the hash shuffle's aggregators take any number,
-    and its partitions grow so one stays under ~125k rows (about 250 MB at 2 KB a row):
-    200 at 1e7 rows, 800 at 1e8."""
-    small = max(1, rows // 20_000)
-    return min(small, 200) if strategy == "sort" else min(small, max(200, rows // 125_000))
-
-
 def _length_hist(batch: dict, max_length: int) -> dict:
     n = np.asarray(batch["prompt_tokens"], np.int64) + np.asarray(batch["completion_tokens"], np.int64)
     return {"hist": [np.bincount(np.minimum(n, max_length), minlength=max_length + 1)]}
@@ -317,9 +327,11 @@ def _prepare(cfg: Config) -> dict:
     # Pass 2: dedup / conflicts, tokenize, split.
     console.status("pass 2/3: dedup + tokenize + split")
     if storage.exists(fs, path("_stage1", "status=ok")):
-        ok = storage.read_parquet(path("_stage1", "status=ok"), fs, cpus).repartition(target_num_rows_per_block=ic.rows_per_block)
-        ok = ok.groupby("pair_key", num_partitions=shuffle_partitions(rows_read, ic.shuffle)).map_groups(
-            _resolve, fn_kwargs={"policy": ic.conflicts}, batch_format="pyarrow", **remote)
+        ok = storage.co_locate(storage.read_parquet(path("_stage1", "status=ok"), fs, cpus), "pair_key", rows_read,
+                               ic.shuffle)
+        # batch_size=None: a whole block, so a whole group (as Ray's own map_groups relies on)
+        ok = ok.map_batches(_resolve, fn_kwargs={"policy": ic.conflicts}, batch_size=None, batch_format="pyarrow",
+                            **remote)
         ok = ok.map_batches(_tokenize, fn_kwargs={"cfg": cfg}, batch_format="pyarrow", batch_size=1024, **remote)
         ok.write_parquet(path("_stage2"), filesystem=fs, partition_cols=["status"], ray_remote_args=remote)
 

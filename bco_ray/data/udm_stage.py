@@ -116,8 +116,10 @@ def _down_prompts(table: pa.Table) -> pa.Table:
                      "prompt": down["prompt"], "label": pa.array(np.zeros(down.num_rows, dtype=bool))})
 
 
-def _first(group: pa.Table) -> pa.Table:
-    return group.slice(0, 1)
+def _first_per_key(block: pa.Table) -> pa.Table:
+    """Ray Data: a block of the shuffle by prompt_key (each key's rows all in it) -> one row per key."""
+    _, first = np.unique(block["prompt_key"].to_numpy(), return_index=True)
+    return block.take(pa.array(first))
 
 
 def _weight_table(*parts: pa.Table) -> pa.Table:
@@ -152,17 +154,18 @@ def _join_weights(table: pa.Table, ref: list) -> pa.Table:
     return table.append_column("weight", pa.array(weight))
 
 
-def weigh_distinct_prompts(ds, clf: UDMClassifier, model_dir: str, cfg: Config):
+def weigh_distinct_prompts(ds, down_rows: int, clf: UDMClassifier, model_dir: str, cfg: Config):
     """(weighted dataset, the weighing pass's report): each distinct thumbs-down prompt is
-    embedded and weighed once (a groupby on its key, then the weigher's actor pool); the weights
+    embedded and weighed once (a shuffle on its key, then the weigher's actor pool); the weights
     go back to every row through a sorted key table in the object store, which the driver never
     holds (D x 12 bytes: 120 MB at 1e7 distinct prompts)."""
     import ray
 
     uc, cpus = cfg.udm, cfg.ingest.num_cpus_per_task
     actors, t0 = embed_actors(cfg), time.time()
-    distinct = ds.map_batches(_down_prompts, batch_format="pyarrow", num_cpus=cpus) \
-        .groupby("prompt_key").map_groups(_first, batch_format="pyarrow", num_cpus=cpus)
+    down = ds.map_batches(_down_prompts, batch_format="pyarrow", num_cpus=cpus)
+    distinct = storage.co_locate(down, "prompt_key", down_rows, cfg.ingest.shuffle) \
+        .map_batches(_first_per_key, batch_size=None, batch_format="pyarrow", num_cpus=cpus)
     weights = distinct.map_batches(
         UDMWeigher, fn_constructor_kwargs={"model_dir": model_dir, "classifier_json": clf.to_json(),
                                            "batch_size": uc.embed_batch_size},
@@ -256,8 +259,8 @@ def fit_and_weigh(ds, cfg: Config, fs, udm_dir: str):
                                   num_cpus=cfg.ingest.num_cpus_per_task)
         return weighted, {"enabled": True, "applied": True, "decision": decision, "embedding_passes": 1,
                           **{k: v for k, v in clf.metrics.items() if k != "heldout_calibration"}}
-    weighted, weighing = weigh_distinct_prompts(ds, clf, model_dir, cfg)
     down_rows = sum(n for (_, label), n in counts.items() if not label)
+    weighted, weighing = weigh_distinct_prompts(ds, down_rows, clf, model_dir, cfg)
     console.say(f"[udm] {down_rows} thumbs-down rows, {weighing['distinct_down_prompts']} distinct prompts embedded "
                 f"({1 - weighing['distinct_down_prompts'] / max(down_rows, 1):.0%} repeats) by "
                 f"{weighing['embed_actors']} actor(s): {weighing['prompts_per_s_per_actor']} prompts/s each")
