@@ -93,6 +93,16 @@ def run(rows: int, cpus: int, udm: str, log: str, args) -> dict:
         shutil.rmtree(out, ignore_errors=True)
 
 
+def written_log(log: str, rows: int, per_day: int, repeat: float) -> dict:
+    """The synthetic log, written by a process of its own: its columns as Python lists take
+    ~1 KB a row (11 GB at 1e7), which this process would keep while `prepare` runs."""
+    code = ("import json, sys; from bco_ray.data.demo_data import write_log; "
+            f"print(json.dumps(write_log({log!r}, {rows}, seed=0, shift=0.5, dirty=0.02, days=4, "
+            f"files_per_day={per_day}, unique=True, repeat={repeat})))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    return json.loads(res.stdout.splitlines()[-1])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=float, nargs="+", default=[1e5, 1e6])
@@ -112,8 +122,6 @@ def main() -> None:
         args.cpus, args.udm = args.cpus[0], args.udm[0]
         child(args)
         return
-    from bco_ray.data.demo_data import write_log
-
     results = []
     for layout in args.layout:
         for rows in (int(r) for r in args.rows):
@@ -121,8 +129,7 @@ def main() -> None:
             try:
                 t0 = time.time()
                 per_day = 4 if layout == "large" else max(1, rows // (4 * args.small_rows))
-                w = write_log(log, rows, seed=0, shift=0.5, dirty=0.02, days=4, files_per_day=per_day, unique=True,
-                              repeat=args.repeat)
+                w = written_log(log, rows, per_day, args.repeat)
                 print(f"# generated {rows:,} rows in {w['files']:,} files in {time.time() - t0:.0f}s", flush=True)
                 for udm in args.udm:
                     for cpus in args.cpus:

@@ -5,8 +5,8 @@ aggregate counts, so memory does not grow with the number of rows:
 
   1. read + normalise  each parquet row group of the input is one task; every raw row
                        becomes an ok example or a quarantine row   -> _stage1/status=*/
-  2. dedup + tokenize  groupby (prompt, completion) resolves duplicates and conflicting
-                       labels; tokenizer actors encode and split    -> _stage2/status=*/
+  2. dedup + tokenize  a shuffle by (prompt, completion) resolves duplicates and conflicting
+                       labels; tokenizer tasks encode and split     -> _stage2/status=*/
   3. UDM weights       fit on a seeded per-label sample, weigh every row -> prepared/
 
 Output layout under `ingest.output` (default <run_dir>/prepared):

@@ -133,15 +133,20 @@ class PromptEmbedder:
 
     @torch.no_grad()
     def embed(self, texts: list[str]) -> np.ndarray:
-        out = []
+        """Unit-norm mean-pooled embeddings, in the order of `texts`. Batches are cut from the
+        texts sorted by token count, so a batch pads to a length near its own texts' and not
+        to the longest of a random draw (prompts of 8 to 160 words)."""
+        out = np.zeros((len(texts), self.model.config.hidden_size), np.float32)
+        ids = self.tok(list(texts), truncation=True, max_length=self.max_length)["input_ids"]
+        order = np.argsort([len(x) for x in ids], kind="stable")
         for s in range(0, len(texts), self.batch_size):
-            enc = self.tok(list(texts[s:s + self.batch_size]), padding=True, truncation=True,
-                           max_length=self.max_length, return_tensors="pt").to(self.device)
+            rows = order[s:s + self.batch_size]
+            enc = self.tok.pad({"input_ids": [ids[i] for i in rows]}, return_tensors="pt").to(self.device)
             hidden = self.model(**enc).last_hidden_state.float()
             mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-            out.append(torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy())
-        return np.concatenate(out) if out else np.zeros((0, self.model.config.hidden_size), np.float32)
+            out[rows] = torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy()
+        return out
 
     def __call__(self, batch: dict) -> dict:
         batch["embedding"] = list(self.embed([str(t) for t in batch["prompt"]]))
