@@ -270,6 +270,45 @@ def test_footers_of_many_small_files_on_s3_are_read_in_parallel_in_listing_order
     assert list(gen) == [i * i for i in range(1, 100)]
 
 
+def test_small_files_share_read_tasks_and_read_as_they_would_alone(tmp_path, monkeypatch):
+    """Pass 1 gathers consecutive row groups into tasks of about min(READ_TASK_ROWS, rows / 64)
+    rows (the driver keeps ~20 KB per Ray task: one task per 500-row file would be 4 GB at 1e8
+    rows). Every row group is read once, in listing order, a large one alone; a task of many
+    groups, including a corrupt one, gives exactly the rows of those groups read one by one."""
+    import pyarrow.parquet as pq
+
+    from bco_ray.data import ingest
+
+    def units(sizes):
+        return [{"path": f"f{i}", "row_group": 0, "day": "", "rows": n} for i, n in enumerate(sizes)]
+
+    tasks = [json.loads(t["units"]) for t in ingest.read_tasks(units([500] * 2000), 10**6)]
+    assert [u[0] for t in tasks for u in t] == [f"f{i}" for i in range(2000)]
+    assert len(tasks) == 63 and {len(t) for t in tasks[:-1]} == {32}  # >= 15,625 rows a task: 32 files of 500
+    monkeypatch.setattr(ingest, "READ_TASK_ROWS", 50_000)
+    assert len(ingest.read_tasks(units([500] * 200_000), 10**8)) == 2000  # 1e8 rows in 500-row files
+    mixed = ingest.read_tasks(units([10**6, 3, 3, 3, 10**6, 3]), 2 * 10**6 + 12)
+    assert [len(json.loads(t["units"])) for t in mixed] == [1, 4, 1]  # a large group closes its task
+    assert ingest.read_tasks(units([5] * 3), 15) == [{"units": json.dumps([[f"f{i}", 0, ""]])} for i in range(3)]
+
+    log = tmp_path / "date=2026-11-02"
+    log.mkdir()
+    for i in range(6):
+        t = pa.table({"prompt": [f"Question {i}-{j}?" for j in range(4)], "completion": ["Answer."] * 4,
+                      "feedback": ["up", "down", "thumbs_up", "maybe"]})
+        pq.write_table(t, log / f"part-{i}.parquet", row_group_size=2)
+    write_corrupt_pages(log / "part-9.parquet", rows=3)
+    cfg = load_config(None, BASE + ["--ingest.input", str(tmp_path)])
+    groups, rows, _, _ = ingest._input_units(cfg)
+    assert len(groups) == 14 and rows == 30
+    together = ingest._read_normalise({"units": [t["units"] for t in ingest.read_tasks(groups, 14 * 64)]}, cfg)
+    alone = pa.concat_tables(ingest._read_normalise({"units": [json.dumps([[u["path"], u["row_group"], u["day"]]])]},
+                                                    cfg) for u in groups)
+    assert together.num_rows == 30 and together.equals(alone)
+    assert Counter(together["reason"].to_pylist()) == {None: 21, "unknown_label": 6, "unreadable_row_group": 3}
+    assert set(together["day"].to_pylist()) == {"2026-11-02"}
+
+
 def test_a_block_is_resolved_as_each_of_its_groups_alone():
     """`_resolve` keeps single-row keys in Arrow and sends only repeated keys through
     resolve_group: every row's status, reason, duplicate_of and raw must be those of

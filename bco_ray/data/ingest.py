@@ -43,16 +43,38 @@ UNREADABLE_FILE = "unreadable_file"
 UNREADABLE_ROW_GROUP = "unreadable_row_group"
 MAX_LISTED_FILES = 1000  # unreadable files named in the manifest (all are counted)
 FOOTER_THREADS = 16  # parquet footers read at once (latency-bound on S3)
+# Rows one read task of pass 1 normalises, at most; fewer on a small log so that it still
+# makes READ_TASKS_MIN tasks. The driver keeps ~20 KB per Ray task (measured, 2026-12-06):
+# one task per row group of the serve stage's 500-row files is 4 GB at 1e8 rows.
+READ_TASK_ROWS = 50_000
+READ_TASKS_MIN = 64
 STAGES = ("_stage1", "_stage2", "data", "quarantine", "deduplicated", "udm")
 
 
+def read_tasks(units: list[dict], rows: int) -> list[dict]:
+    """The input's row groups, in listing order, gathered into the read tasks of pass 1:
+    consecutive groups until a task holds min(READ_TASK_ROWS, rows / READ_TASKS_MIN) rows.
+    A large row group is a task alone; a day of small files shares a few tasks."""
+    target = max(1, min(READ_TASK_ROWS, rows // READ_TASKS_MIN))
+    tasks, task, n = [], [], 0
+    for u in units:
+        task.append([u["path"], u["row_group"], u["day"]])
+        n += u["rows"]
+        if n >= target:
+            tasks.append(task)
+            task, n = [], 0
+    if task:
+        tasks.append(task)
+    return [{"units": json.dumps(t)} for t in tasks]
+
+
 def _read_normalise(batch: dict, cfg: Config) -> pa.Table:
-    """Ray Data: one row group of one input file -> normalised rows."""
+    """Ray Data: read tasks (JSON lists of [file, row group, day]) -> normalised rows."""
     ic = cfg.ingest
     fs, _ = storage.filesystem(ic.input, cfg.storage)
     vocab = LabelVocab(ic.true_labels, ic.false_labels)
     tables = []
-    for path, group, day in zip(batch["path"], batch["row_group"], batch["day"], strict=True):
+    for path, group, day in (unit for task in batch["units"] for unit in json.loads(task)):
         day = None if day == "" else str(day)
         with fs.open_input_file(path) as f:
             pf = pq.ParquetFile(f)
@@ -213,7 +235,8 @@ def _input_units(cfg: Config, first_known: bool = False) -> tuple[list[dict], in
             unknown, n_unknown = unknown or (path, columns), n_unknown + 1
         files.append(path)
         rows += meta.num_rows
-        units += [{"path": path, "row_group": g, "day": day or ""} for g in range(meta.num_row_groups)]
+        units += [{"path": path, "row_group": g, "day": day or "", "rows": meta.row_group(g).num_rows}
+                  for g in range(meta.num_row_groups)]
     if bad and not files:
         raise UserError(f"none of the {len(bad)} parquet files under {ic.input} can be read: {bad[0]['path']}: "
                         f"{bad[0]['error']}", "check that the log's writer finished its files")
@@ -315,7 +338,8 @@ def _prepare(cfg: Config) -> dict:
 
     # Pass 1: read + normalise.
     console.status(f"pass 1/3: read + normalise {rows_read} rows from {len(files)} files")
-    ds = ray.data.from_items(units, override_num_blocks=len(units))
+    tasks = read_tasks(units, rows_read)
+    ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
     ds = ds.map_batches(_read_normalise, fn_kwargs={"cfg": cfg}, batch_size=1, batch_format="numpy", **remote)
     ds.write_parquet(path("_stage1"), filesystem=fs, partition_cols=["status"], ray_remote_args=remote)
     # Feedback the server logged without its answer: joined to the served log by id.
