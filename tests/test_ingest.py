@@ -279,8 +279,9 @@ def test_small_files_share_read_tasks_and_read_as_they_would_alone(tmp_path, mon
 
     from bco_ray.data import ingest
 
-    def units(sizes):
-        return [{"path": f"f{i}", "row_group": 0, "day": "", "rows": n} for i, n in enumerate(sizes)]
+    def units(sizes, row_bytes=100):
+        return [{"path": f"f{i}", "row_group": 0, "day": "", "rows": n, "bytes": n * row_bytes}
+                for i, n in enumerate(sizes)]
 
     tasks = [json.loads(t["units"]) for t in ingest.read_tasks(units([500] * 2000), 10**6)]
     assert [u[0] for t in tasks for u in t] == [f"f{i}" for i in range(2000)]
@@ -289,6 +290,8 @@ def test_small_files_share_read_tasks_and_read_as_they_would_alone(tmp_path, mon
     assert len(ingest.read_tasks(units([500] * 200_000), 10**8)) == 2000  # 1e8 rows in 500-row files
     mixed = ingest.read_tasks(units([10**6, 3, 3, 3, 10**6, 3]), 2 * 10**6 + 12)
     assert [len(json.loads(t["units"])) for t in mixed] == [1, 4, 1]  # a large group closes its task
+    long_rows = ingest.read_tasks(units([500] * 2000, row_bytes=100_000), 10**6)  # 50 MB a file
+    assert {len(json.loads(t["units"])) for t in long_rows[:-1]} == {6}  # 300 MB >= 256 MB, before 15,625 rows
     assert ingest.read_tasks(units([5] * 3), 15) == [{"units": json.dumps([[f"f{i}", 0, ""]])} for i in range(3)]
 
     log = tmp_path / "date=2026-11-02"

@@ -48,21 +48,22 @@ FOOTER_THREADS = 16  # parquet footers read at once (latency-bound on S3)
 # one task per row group of the serve stage's 500-row files is 4 GB at 1e8 rows.
 READ_TASK_ROWS = 50_000
 READ_TASKS_MIN = 64
+READ_TASK_BYTES = 256 * 2**20  # uncompressed, as the footers count it: long rows close a task sooner
 STAGES = ("_stage1", "_stage2", "data", "quarantine", "deduplicated", "udm")
 
 
 def read_tasks(units: list[dict], rows: int) -> list[dict]:
     """The input's row groups, in listing order, gathered into the read tasks of pass 1:
-    consecutive groups until a task holds min(READ_TASK_ROWS, rows / READ_TASKS_MIN) rows.
-    A large row group is a task alone; a day of small files shares a few tasks."""
+    consecutive groups until a task holds min(READ_TASK_ROWS, rows / READ_TASKS_MIN) rows or
+    READ_TASK_BYTES. A large row group is a task alone; a day of small files shares a few tasks."""
     target = max(1, min(READ_TASK_ROWS, rows // READ_TASKS_MIN))
-    tasks, task, n = [], [], 0
+    tasks, task, n, size = [], [], 0, 0
     for u in units:
         task.append([u["path"], u["row_group"], u["day"]])
-        n += u["rows"]
-        if n >= target:
+        n, size = n + u["rows"], size + u["bytes"]
+        if n >= target or size >= READ_TASK_BYTES:
             tasks.append(task)
-            task, n = [], 0
+            task, n, size = [], 0, 0
     if task:
         tasks.append(task)
     return [{"units": json.dumps(t)} for t in tasks]
@@ -235,8 +236,8 @@ def _input_units(cfg: Config, first_known: bool = False) -> tuple[list[dict], in
             unknown, n_unknown = unknown or (path, columns), n_unknown + 1
         files.append(path)
         rows += meta.num_rows
-        units += [{"path": path, "row_group": g, "day": day or "", "rows": meta.row_group(g).num_rows}
-                  for g in range(meta.num_row_groups)]
+        units += [{"path": path, "row_group": g, "day": day or "", "rows": meta.row_group(g).num_rows,
+                   "bytes": meta.row_group(g).total_byte_size} for g in range(meta.num_row_groups)]
     if bad and not files:
         raise UserError(f"none of the {len(bad)} parquet files under {ic.input} can be read: {bad[0]['path']}: "
                         f"{bad[0]['error']}", "check that the log's writer finished its files")
