@@ -270,7 +270,7 @@ def test_footers_of_many_small_files_on_s3_are_read_in_parallel_in_listing_order
     assert list(gen) == [i * i for i in range(1, 100)]
 
 
-def test_small_files_share_read_tasks_and_read_as_they_would_alone(tmp_path, monkeypatch):
+def test_small_files_share_read_tasks_and_read_as_they_would_alone(tmp_path):
     """Pass 1 gathers consecutive row groups into tasks of about min(READ_TASK_ROWS, rows / 64)
     rows (the driver keeps ~20 KB per Ray task: one task per 500-row file would be 4 GB at 1e8
     rows). Every row group is read once, in listing order, a large one alone; a task of many
@@ -286,7 +286,6 @@ def test_small_files_share_read_tasks_and_read_as_they_would_alone(tmp_path, mon
     tasks = [json.loads(t["units"]) for t in ingest.read_tasks(units([500] * 2000), 10**6)]
     assert [u[0] for t in tasks for u in t] == [f"f{i}" for i in range(2000)]
     assert len(tasks) == 63 and {len(t) for t in tasks[:-1]} == {32}  # >= 15,625 rows a task: 32 files of 500
-    monkeypatch.setattr(ingest, "READ_TASK_ROWS", 50_000)
     assert len(ingest.read_tasks(units([500] * 200_000), 10**8)) == 2000  # 1e8 rows in 500-row files
     mixed = ingest.read_tasks(units([10**6, 3, 3, 3, 10**6, 3]), 2 * 10**6 + 12)
     assert [len(json.loads(t["units"])) for t in mixed] == [1, 4, 1]  # a large group closes its task

@@ -17,6 +17,7 @@ Output layout under `ingest.output` (default <run_dir>/prepared):
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 
@@ -75,19 +76,23 @@ def _read_normalise(batch: dict, cfg: Config) -> pa.Table:
     fs, _ = storage.filesystem(ic.input, cfg.storage)
     vocab = LabelVocab(ic.true_labels, ic.false_labels)
     tables = []
-    for path, group, day in (unit for task in batch["units"] for unit in json.loads(task)):
-        day = None if day == "" else str(day)
+    units = (unit for task in batch["units"] for unit in json.loads(task))
+    # A task holds consecutive row groups: a file's are adjacent, opened (footer read) once.
+    for path, groups in itertools.groupby(units, key=lambda unit: str(unit[0])):
+        fid = file_id(path)
         with fs.open_input_file(path) as f:
             pf = pq.ParquetFile(f)
-            try:
-                table = pf.read_row_group(int(group))
-            except (pa.ArrowInvalid, OSError) as e:  # corrupt pages: its rows quarantined, the run goes on
-                if isinstance(e, OSError) and storage.explain(e, str(path)) is not None:
-                    raise  # storage failed, not the file: Ray retries the task
-                tables.append(unreadable_rows(pf.metadata.row_group(int(group)).num_rows, str(path),
-                                              file_id(str(path)), int(group), day, first_line(e)))
-                continue
-        tables.append(normalise_table(table, str(path), file_id(str(path)), int(group), ic, vocab, day))
+            for _, group, day in groups:
+                group, day = int(group), None if day == "" else str(day)
+                try:
+                    table = pf.read_row_group(group)
+                except (pa.ArrowInvalid, OSError) as e:  # corrupt pages: its rows quarantined, the run goes on
+                    if isinstance(e, OSError) and storage.explain(e, path) is not None:
+                        raise  # storage failed, not the file: Ray retries the task
+                    tables.append(unreadable_rows(pf.metadata.row_group(group).num_rows, path, fid, group, day,
+                                                  first_line(e)))
+                    continue
+                tables.append(normalise_table(table, path, fid, group, ic, vocab, day))
     return pa.concat_tables(tables)
 
 
