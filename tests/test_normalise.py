@@ -275,6 +275,9 @@ def test_batched_encoding_gives_the_ids_of_one_row_at_a_time(tiny_llama, chat_te
         assert out["completion_mask"] == [0] * n_prompt + [1] * (len(ids) - n_prompt)
         assert out["truncated"] == row[2].startswith("word ")
     assert [isinstance(o, Reject) for o in got] == [False, False, False, False, True, False, False, False]
+    # A tokenize batch whose rows were all deduplicated has nothing to encode (the tokenizer
+    # itself raises IndexError on []: prepare failed on a 1e5-row log with 90 % repeats).
+    assert enc.encode_many([], [], []) == []
 
 
 def test_split_is_by_prompt_and_stable():

@@ -94,6 +94,8 @@ class FeedbackTokenizer:
         of three per row: the Rust tokenizer's per-call overhead was most of `prepare`'s
         tokenize time on short feedback rows."""
         n = len(prompts)
+        if n == 0:  # a batch whose rows were all deduplicated: the tokenizer fails on []
+            return []
         prompt_ids: list[list[int] | Reject | None] = [None] * n
         chats, plain = [], []
         controls = control_texts(self.tok)
