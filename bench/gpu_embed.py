@@ -6,7 +6,8 @@ The encoder has all-MiniLM-L6-v2's shape (6 layers, hidden 384, 22.7M parameters
 weights (throughput does not depend on them) and a word-level tokenizer built here, so
 nothing is downloaded. Prompts are 8-160 words (about that many tokens), as feedback prompts
 are. Prints prompts/s per actor: on the GPU (fp16) for several batch sizes, and on one CPU
-thread (what a CPU actor gets) for the default batch size.
+thread for the default batch size, in fp32 and in udm.embed_dtype auto (bf16 where the CPU
+computes it natively).
 """
 
 from __future__ import annotations
@@ -72,11 +73,13 @@ def main() -> None:
         cuda = torch.cuda.is_available
         torch.cuda.is_available = lambda: False  # the CPU actor's view
         try:
-            e = PromptEmbedder(d, max_length=256, batch_size=64)
-            report["cpu_1thread_batch64_prompts_per_s"] = round(rate(e, texts[:args.cpu_prompts]), 1)
+            for dtype in ("float32", "auto"):
+                e = PromptEmbedder(d, max_length=256, batch_size=64, dtype=dtype)
+                key = f"cpu_1thread_batch64_{str(e.dtype).removeprefix('torch.')}_prompts_per_s"
+                report[key] = round(rate(e, texts[:args.cpu_prompts]), 1)
+                print(f"CPU, 1 thread, batch 64, {e.dtype}: {report[key]} prompts/s", flush=True)
         finally:
             torch.cuda.is_available = cuda
-        print(f"CPU, 1 thread, batch 64: {report['cpu_1thread_batch64_prompts_per_s']} prompts/s", flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)

@@ -57,7 +57,8 @@ def child(args) -> None:
     threading.Thread(target=sample, daemon=True).start()
     cfg = load_config(None, ["--ingest.input", args.input, "--ingest.label_column", "feedback",
                              "--model.policy", args.model, "--run.run_dir", args.out,
-                             "--udm.enabled", str(args.udm == "on").lower()])
+                             "--udm.enabled", str(args.udm == "on").lower()]
+                      + [x for kv in args.set for x in ("--" + kv.split("=", 1)[0], kv.split("=", 1)[1])])
     t0 = time.time()
     m = prepare(cfg)
     seconds = time.time() - t0
@@ -78,7 +79,7 @@ def run(rows: int, cpus: int, udm: str, log: str, args) -> dict:
         # tree (driver, raylet, workers) to N cores so that "1 CPU" means one core.
         pin = ["taskset", "-c", f"0-{cpus - 1}"] if shutil.which("taskset") else []
         cmd = pin + [sys.executable, __file__, "--child", "--cpus", str(cpus), "--input", log, "--out", out,
-               "--model", args.model, "--udm", udm]
+               "--model", args.model, "--udm", udm] + (["--set", *args.set] if args.set else [])
         res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         if res.returncode:
             sys.stderr.write(res.stderr[-3000:])
@@ -114,6 +115,8 @@ def main() -> None:
                    help="large: 4 files a day; small: files of --small-rows rows (the serve stage's logs)")
     p.add_argument("--small-rows", type=int, default=500)
     p.add_argument("--model", default="tiny-llama", help="whose tokenizer (tiny-llama has SmolLM2's)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="config overrides for prepare, e.g. udm.embed_dtype=float32 udm.embed_threads=1")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--input", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)

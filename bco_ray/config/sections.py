@@ -126,7 +126,9 @@ class UDMConfig:
     max_embed_length: int = knob(256, "Prompt tokens fed to the embedder (longer prompts are truncated, not overflowed).")
     embed_batch_size: int = knob(64, "Prompts per embedder forward pass.")
     num_gpus_per_actor: float | None = knob(None, "GPUs per embedding actor (fp16 on a GPU); null: 1 when the cluster has GPUs (prepare runs before anything else uses them), else 0.")
-    embed_actors: int | None = knob(None, "Embedder actors in the Ray Data pool (one model each); null: one per GPU of the cluster (num_gpus_per_actor each) when it has GPUs, else one per CPU less one (each embeds on one thread).")
+    embed_actors: int | None = knob(None, "Embedder actors in the Ray Data pool (one model each); null: one per GPU of the cluster (num_gpus_per_actor each) when it has GPUs, else one per CPU less one.")
+    embed_threads: int | None = knob(None, "CPU threads of each embedding actor; null: the cluster's CPUs over the actors (at least 1), since the feeding tasks are done or idle while the embedder runs.")
+    embed_dtype: Literal["auto", "float32", "bfloat16", "float16"] = knob("auto", "Embedder dtype: 'auto' is float16 on GPUs, bfloat16 on CPUs that compute it natively (AVX512-BF16/AMX: 2x, embeddings equal to cos 0.9999), float32 elsewhere.")
 
 
 @dataclass(frozen=True)

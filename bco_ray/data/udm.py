@@ -113,20 +113,40 @@ def calibration(p: np.ndarray, y: np.ndarray, bins: int = 10) -> list[dict]:
              "count": int((idx == b).sum())} for b in range(bins) if (idx == b).any()]
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX): there MiniLM runs 2x as
+    fast in bf16 (measured: 35 -> 70 prompts/s on one thread, embeddings equal to cos 0.9999);
+    elsewhere bf16 is emulated and slower than fp32."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def embed_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The encoder's dtype: 'auto' is fp16 on a GPU, bf16 on a CPU with native bf16, else fp32."""
+    if name != "auto":
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    if device.type == "cuda":
+        return torch.float16
+    return torch.bfloat16 if cpu_has_bf16() else torch.float32
+
+
 class PromptEmbedder:
     """Sentence embeddings: attention-masked mean pooling, L2-normalised, truncated to max_length.
-    On a GPU (the actor was given one) the encoder runs in fp16 and the pooling in fp32."""
+    The encoder runs in `dtype` (see embed_dtype), the pooling in fp32. `threads` sets torch's
+    CPU threads in this process (None: left as they are)."""
 
-    def __init__(self, model_dir: str, max_length: int = 256, batch_size: int = 64):
+    def __init__(self, model_dir: str, max_length: int = 256, batch_size: int = 64, dtype: str = "auto",
+                 threads: int | None = 1):
         from transformers import AutoModel, AutoTokenizer
 
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if self.device.type == "cpu":
-            torch.set_num_threads(1)  # one thread per actor: actors share the machine's cores
+        if self.device.type == "cpu" and threads is not None:
+            torch.set_num_threads(threads)
         self.tok = AutoTokenizer.from_pretrained(model_dir)
-        self.model = AutoModel.from_pretrained(model_dir, use_safetensors=True).eval()
-        if self.device.type == "cuda":
-            self.model = self.model.half().to(self.device)
+        self.dtype = embed_dtype(dtype, self.device)
+        self.model = AutoModel.from_pretrained(model_dir, use_safetensors=True).eval().to(self.device, self.dtype)
         limit = getattr(self.model.config, "max_position_embeddings", max_length)
         self.max_length = min(max_length, limit)
         self.batch_size = batch_size
@@ -156,9 +176,10 @@ class PromptEmbedder:
 class UDMWeigher(PromptEmbedder):
     """Adds `weight`: the clamped density ratio for thumbs-down rows, 1.0 for thumbs-up rows."""
 
-    def __init__(self, model_dir: str, classifier_json: str, batch_size: int = 64):
+    def __init__(self, model_dir: str, classifier_json: str, batch_size: int = 64, dtype: str = "auto",
+                 threads: int | None = 1):
         self.clf = UDMClassifier.from_json(classifier_json)
-        super().__init__(model_dir, self.clf.max_embed_length, batch_size)
+        super().__init__(model_dir, self.clf.max_embed_length, batch_size, dtype, threads)
 
     def __call__(self, table):
         """Arrow in, Arrow out: token lists stay plain lists (a numpy round trip would turn

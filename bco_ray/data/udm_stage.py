@@ -84,17 +84,34 @@ def embed_actors(cfg: Config) -> int:
     return max(1, int(res.get("CPU", 1)) - 1)
 
 
+def embed_threads(cfg: Config, actors: int) -> int | None:
+    """udm.embed_threads, or the cluster's CPUs over the CPU actors (None on GPUs: torch's own)."""
+    import ray
+
+    if cfg.udm.embed_threads is not None:
+        return cfg.udm.embed_threads
+    if embed_gpus(cfg) > 0:
+        return None
+    return max(1, int(ray.cluster_resources().get("CPU", 1)) // actors)
+
+
+def embedder_kwargs(cfg: Config, actors: int) -> dict:
+    return {"batch_size": cfg.udm.embed_batch_size, "dtype": cfg.udm.embed_dtype,
+            "threads": embed_threads(cfg, actors)}
+
+
 def _embed(rows: list[dict], model_dir: str, cfg: Config) -> np.ndarray:
     """The embedding of each row's prompt; each distinct prompt is embedded once."""
     import ray
 
     uc = cfg.udm
     distinct = list({r["prompt"]: None for r in rows})
+    actors = embed_actors(cfg)
     out = ray.data.from_items([{"prompt": x} for x in distinct]).map_batches(
         PromptEmbedder, fn_constructor_kwargs={"model_dir": model_dir, "max_length": uc.max_embed_length,
-                                               "batch_size": uc.embed_batch_size},
+                                               **embedder_kwargs(cfg, actors)},
         batch_size=uc.embed_batch_size, batch_format="numpy", num_cpus=cfg.ingest.num_cpus_per_task,
-        num_gpus=embed_gpus(cfg), compute=ray.data.ActorPoolStrategy(size=embed_actors(cfg))).take_all()
+        num_gpus=embed_gpus(cfg), compute=ray.data.ActorPoolStrategy(size=actors)).take_all()
     by_prompt = {r["prompt"]: np.asarray(r["embedding"]) for r in out}
     return np.stack([by_prompt[r["prompt"]] for r in rows])
 
@@ -120,6 +137,11 @@ def _first_per_key(block: pa.Table) -> pa.Table:
     """Ray Data: a block of the shuffle by prompt_key (each key's rows all in it) -> one row per key."""
     _, first = np.unique(block["prompt_key"].to_numpy(), return_index=True)
     return block.take(pa.array(first))
+
+
+def _drop_known(block: pa.Table, keys: np.ndarray) -> pa.Table:
+    """The block's prompts whose key is not in `keys` (sorted): those still to embed."""
+    return block.filter(pa.array(~np.isin(block["prompt_key"].to_numpy(), keys, assume_unique=True)))
 
 
 def _weight_table(*parts: pa.Table) -> pa.Table:
@@ -154,29 +176,37 @@ def _join_weights(table: pa.Table, ref: list) -> pa.Table:
     return table.append_column("weight", pa.array(weight))
 
 
-def weigh_distinct_prompts(ds, down_rows: int, clf: UDMClassifier, model_dir: str, cfg: Config):
+def weigh_distinct_prompts(ds, down_rows: int, clf: UDMClassifier, model_dir: str, cfg: Config,
+                           known: pa.Table | None = None):
     """(weighted dataset, the weighing pass's report): each distinct thumbs-down prompt is
     embedded and weighed once (a shuffle on its key, then the weigher's actor pool); the weights
     go back to every row through a sorted key table in the object store, which the driver never
-    holds (D x 12 bytes: 120 MB at 1e7 distinct prompts)."""
+    holds (D x 12 bytes: 120 MB at 1e7 distinct prompts). `known`: (prompt_key, weight) of
+    prompts already embedded (the classifier's sample), which are not embedded again."""
     import ray
 
     uc, cpus = cfg.udm, cfg.ingest.num_cpus_per_task
     actors, t0 = embed_actors(cfg), time.time()
+    known = known if known is not None else pa.table({"prompt_key": pa.array([], pa.uint64()),
+                                                      "weight": pa.array([], pa.float32())})
     down = ds.map_batches(_down_prompts, batch_format="pyarrow", num_cpus=cpus)
     distinct = storage.co_locate(down, "prompt_key", down_rows, cfg.ingest.shuffle) \
         .map_batches(_first_per_key, batch_size=None, batch_format="pyarrow", num_cpus=cpus)
+    if known.num_rows:
+        distinct = distinct.map_batches(_drop_known, fn_kwargs={"keys": np.sort(known["prompt_key"].to_numpy())},
+                                        batch_size=None, batch_format="pyarrow", num_cpus=cpus)
     weights = distinct.map_batches(
         UDMWeigher, fn_constructor_kwargs={"model_dir": model_dir, "classifier_json": clf.to_json(),
-                                           "batch_size": uc.embed_batch_size},
+                                           **embedder_kwargs(cfg, actors)},
         batch_size=uc.embed_batch_size, batch_format="pyarrow", num_cpus=cpus, num_gpus=embed_gpus(cfg),
         compute=ray.data.ActorPoolStrategy(size=actors)).select_columns(["prompt_key", "weight"]).materialize()
-    n_distinct, seconds = weights.count(), time.time() - t0
-    report = {"distinct_down_prompts": n_distinct, "embed_actors": actors, "weigh_seconds": round(seconds, 1),
+    embedded, seconds = weights.count(), time.time() - t0
+    report = {"distinct_down_prompts": embedded + known.num_rows, "embedded_down_prompts": embedded,
+              "embed_actors": actors, "embed_threads": embed_threads(cfg, actors), "weigh_seconds": round(seconds, 1),
               # the whole pass (read, key, group, embed): a floor for the embedder's own rate
-              "prompts_per_s": round(n_distinct / max(seconds, 1e-9), 1),
-              "prompts_per_s_per_actor": round(n_distinct / max(seconds, 1e-9) / actors, 1)}
-    table = ray.remote(_weight_table).options(num_cpus=cpus).remote(*weights.to_arrow_refs())
+              "prompts_per_s": round(embedded / max(seconds, 1e-9), 1),
+              "prompts_per_s_per_actor": round(embedded / max(seconds, 1e-9) / actors, 1)}
+    table = ray.remote(_weight_table).options(num_cpus=cpus).remote(known, *weights.to_arrow_refs())
     weighted = ds.map_batches(_join_weights, fn_kwargs={"ref": [table]}, batch_format="pyarrow", num_cpus=cpus)
     return weighted, report
 
@@ -260,10 +290,16 @@ def fit_and_weigh(ds, cfg: Config, fs, udm_dir: str):
         return weighted, {"enabled": True, "applied": True, "decision": decision, "embedding_passes": 1,
                           **{k: v for k, v in clf.metrics.items() if k != "heldout_calibration"}}
     down_rows = sum(n for (_, label), n in counts.items() if not label)
-    weighted, weighing = weigh_distinct_prompts(ds, down_rows, clf, model_dir, cfg)
-    console.say(f"[udm] {down_rows} thumbs-down rows, {weighing['distinct_down_prompts']} distinct prompts embedded "
-                f"({1 - weighing['distinct_down_prompts'] / max(down_rows, 1):.0%} repeats) by "
-                f"{weighing['embed_actors']} actor(s): {weighing['prompts_per_s_per_actor']} prompts/s each")
+    # The sample's thumbs-down prompts are embedded already: their weights join the table as they are.
+    sampled = [i for i, r in enumerate(train + held) if not r["label"]]
+    keys, first = np.unique(prompt_keys([(train + held)[i]["prompt"] for i in sampled]), return_index=True)
+    known = pa.table({"prompt_key": pa.array(keys, pa.uint64()),
+                      "weight": pa.array(clf.weights(emb[np.asarray(sampled, int)[first]]).astype(np.float32))})
+    weighted, weighing = weigh_distinct_prompts(ds, down_rows, clf, model_dir, cfg, known)
+    console.say(f"[udm] {down_rows} thumbs-down rows, {weighing['distinct_down_prompts']} distinct prompts "
+                f"({1 - weighing['distinct_down_prompts'] / max(down_rows, 1):.0%} repeats), "
+                f"{weighing['embedded_down_prompts']} embedded beyond the sample by {weighing['embed_actors']} "
+                f"actor(s): {weighing['prompts_per_s_per_actor']} prompts/s each")
     return weighted, {"enabled": True, "applied": True, "decision": decision, "embedding_passes": 2,
                       "down_rows": down_rows, **weighing,
                       **{k: v for k, v in clf.metrics.items() if k != "heldout_calibration"}}
