@@ -144,11 +144,13 @@ def _drop_known(block: pa.Table, keys: np.ndarray) -> pa.Table:
     return block.filter(pa.array(~np.isin(block["prompt_key"].to_numpy(), keys, assume_unique=True)))
 
 
+def _no_weights() -> pa.Table:
+    return pa.table({"prompt_key": pa.array([], pa.uint64()), "weight": pa.array([], pa.float32())})
+
+
 def _weight_table(*parts: pa.Table) -> pa.Table:
     """The distinct prompts' (key, weight), sorted by key for lookups."""
-    t = pa.concat_tables(parts) if parts else pa.table({"prompt_key": pa.array([], pa.uint64()),
-                                                        "weight": pa.array([], pa.float32())})
-    return t.sort_by("prompt_key")
+    return (pa.concat_tables(parts) if parts else _no_weights()).sort_by("prompt_key")
 
 
 _WEIGHTS: dict = {}  # per worker process: the weight table of the current prepare, fetched once
@@ -187,8 +189,7 @@ def weigh_distinct_prompts(ds, down_rows: int, clf: UDMClassifier, model_dir: st
 
     uc, cpus = cfg.udm, cfg.ingest.num_cpus_per_task
     actors, t0 = embed_actors(cfg), time.time()
-    known = known if known is not None else pa.table({"prompt_key": pa.array([], pa.uint64()),
-                                                      "weight": pa.array([], pa.float32())})
+    known = known if known is not None else _no_weights()
     down = ds.map_batches(_down_prompts, batch_format="pyarrow", num_cpus=cpus)
     distinct = storage.co_locate(down, "prompt_key", down_rows, cfg.ingest.shuffle) \
         .map_batches(_first_per_key, batch_size=None, batch_format="pyarrow", num_cpus=cpus)
@@ -291,8 +292,9 @@ def fit_and_weigh(ds, cfg: Config, fs, udm_dir: str):
                           **{k: v for k, v in clf.metrics.items() if k != "heldout_calibration"}}
     down_rows = sum(n for (_, label), n in counts.items() if not label)
     # The sample's thumbs-down prompts are embedded already: their weights join the table as they are.
-    sampled = [i for i, r in enumerate(train + held) if not r["label"]]
-    keys, first = np.unique(prompt_keys([(train + held)[i]["prompt"] for i in sampled]), return_index=True)
+    fitted = train + held
+    sampled = [i for i, r in enumerate(fitted) if not r["label"]]
+    keys, first = np.unique(prompt_keys([fitted[i]["prompt"] for i in sampled]), return_index=True)
     known = pa.table({"prompt_key": pa.array(keys, pa.uint64()),
                       "weight": pa.array(clf.weights(emb[np.asarray(sampled, int)[first]]).astype(np.float32))})
     weighted, weighing = weigh_distinct_prompts(ds, down_rows, clf, model_dir, cfg, known)
