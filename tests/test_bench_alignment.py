@@ -64,3 +64,21 @@ def test_toy_alignment_benchmark_runs_its_variants(ray_local, tmp_path, monkeypa
     assert all(f"| {v} |" in table for v in SUBSET)
     assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "logs" / "balanced").is_dir() and (out / "logs" / "shifted").is_dir()
+
+    # the per-genre split (UDM's experiment): every held-out answer is on one side, and the
+    # pooled rate is the answer-weighted mean of the two sides' rates
+    side_a = meta["heldout_side_a"]
+    assert any(side_a) and not all(side_a)
+    for r in summary:
+        a, b = r["side_A"], r["side_B"]
+        assert a["answers"] + b["answers"] == r["answers"]
+        pooled = (a["positive_rate"] * a["answers"] + b["positive_rate"] * b["answers"]) / r["answers"]
+        assert math.isclose(pooled, r["positive_rate"], abs_tol=1e-9)
+    assert "By held-out prompt genre" in table
+
+    # --from-partial rebuilds the same summary from what a crashed run leaves behind
+    first = (out / "results.json").read_text()
+    monkeypatch.setattr(sys, "argv", ["alignment.py", "--toy", "--out", str(out), "--from-partial"])
+    bench.main()
+    again = json.loads((out / "results.json").read_text())
+    assert again["summary"] == json.loads(first)["summary"] and again["meta"]["partial"] == "1 whole seed(s) of 1"

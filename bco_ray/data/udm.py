@@ -138,7 +138,7 @@ class PromptEmbedder:
     CPU threads in this process (None: left as they are)."""
 
     def __init__(self, model_dir: str, max_length: int = 256, batch_size: int = 64, dtype: str = "auto",
-                 threads: int | None = 1):
+                 threads: int | None = None):
         from transformers import AutoModel, AutoTokenizer
 
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -177,7 +177,7 @@ class UDMWeigher(PromptEmbedder):
     """Adds `weight`: the clamped density ratio for thumbs-down rows, 1.0 for thumbs-up rows."""
 
     def __init__(self, model_dir: str, classifier_json: str, batch_size: int = 64, dtype: str = "auto",
-                 threads: int | None = 1):
+                 threads: int | None = None):
         self.clf = UDMClassifier.from_json(classifier_json)
         super().__init__(model_dir, self.clf.max_embed_length, batch_size, dtype, threads)
 
