@@ -64,7 +64,7 @@ def stage_train(cfg: Config, run_dir: Path) -> dict:
     card = train(cfg)
     return {"model": card["model"], "steps": card["steps"], "exported_step": card["exported_step"],
             "stopped_early": card["stopped_early"], "final_metrics": card["final_metrics"],
-            "final_eval": card["final_eval"]}
+            "final_eval": card["final_eval"], "phase_seconds": card["phase_seconds"]}
 
 
 def stage_eval(cfg: Config, run_dir: Path) -> dict:

@@ -27,8 +27,11 @@ The paper's comparisons (arXiv 2404.04656), redone on a CPU with the pipeline's 
    prompts), looping answers, KL(policy || reference) estimated on the policy's own samples,
    the implicit-reward accuracy on the held-out feedback split (bco-ray's final train eval),
    and the training wall time. The answers needed to detect a 5-point difference at 95 %
-   confidence and 80 % power are computed from the observed discordance (McNemar).
-Writes results.json, results.md (the table) and results.png to --out.
+   confidence and 80 % power are computed from the observed discordance (McNemar). Head to
+   head, paired: UDM against plain BCO on each log, bco-ray against TRL (CONTRASTS).
+Writes results.json, results.md (the tables) and results.png to --out; `--rebuild` writes
+them again from results.json, `--from-partial` from a crashed run's whole seeds. The prepare
+stage runs with UDM on (off by default in bco-ray), so the UDM variants have their weights.
 """
 
 from __future__ import annotations
@@ -79,6 +82,15 @@ VARIANTS = {  # name: (log, config overrides)
     "TRL 1.13 BCOTrainer": ("balanced", None),  # None: trained by train_trl, not the pipeline
 }
 TRL = "TRL 1.13 BCOTrainer"
+CONTRASTS = [  # (variant, against, the question it answers): paired, both present in a run
+    ("BCO + UDM", "BCO", "UDM, balanced log"),
+    ("BCO + UDM (shifted log)", "BCO (shifted log)", "UDM, shifted log (the paper's setting)"),
+    ("BCO", TRL, "bco-ray vs TRL, the same objective"),
+    ("BCO + UDM", TRL, "bco-ray's default vs TRL"),
+    ("BCO, delta = 0", "BCO", "the reward shift delta"),
+    ("KTO", "BCO", "KTO vs BCO"),
+    ("DPO", "BCO", "DPO (pairs only) vs BCO"),
+]
 
 
 # ---------------------------------------------------------------------------- judge
@@ -211,7 +223,7 @@ def write_logs(root: Path, rows: list[dict], seed: int) -> dict:
 def base_overrides(args, size: dict) -> list[str]:
     return ["--model.policy", size["policy"], "--model.dtype", size["dtype"], "--ingest.label_column", "feedback",
             "--ingest.max_length", "160", "--ingest.max_prompt_length", "96", "--ingest.eval_fraction", "0.15",
-            "--udm.sample_size", "512", "--score.kl_pairs", "true",
+            "--udm.enabled", "true", "--udm.sample_size", "512", "--score.kl_pairs", "true",
             "--train.num_workers", "2", "--train.micro_batch_size", "2", "--train.grad_accum", str(size["accum"]),
             "--train.max_steps", str(size["steps"]), "--train.lr", str(size["lr"]), "--train.schedule", "constant",
             "--train.warmup_ratio", "0.1", "--train.eval_every", str(size["steps"]),
@@ -343,7 +355,30 @@ def summarize(results: list[dict], side_a: list[bool] | None = None) -> list[dic
     return out
 
 
-def table_md(summary: list[dict], meta: dict) -> str:
+def contrasts(results: list[dict], side_a: list[bool] | None = None) -> list[dict]:
+    """Head to head, paired: variant minus `against` on the same prompts and sampling seeds
+    (bootstrap over prompts), per genre side too, and the KL difference seed by seed."""
+    out = []
+    for name, other, question in CONTRASTS:
+        rs = [r for r in results if r["variant"] == name]
+        base = {r["seed"]: r for r in results if r["variant"] == other}
+        rs = [r for r in rs if r["seed"] in base]
+        if not rs:
+            continue
+        answers = {seed: r["answers"] for seed, r in base.items()}
+        row = {"variant": name, "against": other, "question": question, "seeds": len(rs)}
+        row["positive_diff"], row["positive_diff_ci95"], row["discordance"] = paired_diff(rs, answers)
+        if side_a is not None:
+            for side, want in (("A", True), ("B", False)):
+                d, ci, _ = paired_diff(rs, answers, keep=lambda prompt, want=want: side_a[prompt] == want)
+                row[f"side_{side}"] = {"positive_diff": d, "positive_diff_ci95": ci}
+        kl = np.array([r["kl"] - base[r["seed"]]["kl"] for r in rs])
+        row["kl_diff"] = (float(kl.mean()), float(kl.std(ddof=1)) if len(kl) > 1 else 0.0)
+        out.append(row)
+    return out
+
+
+def table_md(summary: list[dict], meta: dict, heads: list[dict] | None = None) -> str:
     def ci(m, lo_hi, signed=False):
         s = f"{100 * m:+.1f}" if signed else f"{100 * m:.1f}"
         return f"{s} % [{100 * lo_hi[0]:.1f}, {100 * lo_hi[1]:.1f}]"
@@ -371,6 +406,17 @@ def table_md(summary: list[dict], meta: dict) -> str:
                       (ci(a["positive_diff"], a["positive_diff_ci95"], True), ci(b["positive_diff"], b["positive_diff_ci95"], True)))
             lines.append(f"| {r['variant']} | {ci(a['positive_rate'], a['positive_ci95'])} | {da} | "
                          f"{ci(b['positive_rate'], b['positive_ci95'])} | {db} |")
+    if heads:
+        lines += ["", "Head to head (paired: the same prompts and sampling seeds; a difference whose interval "
+                  "excludes 0 is one this run detects):", "",
+                  "| variant | against | question | judged positive, difference | A genres | B genres | "
+                  "KL difference (nats / answer) |", "|---|---|---|---|---|---|---|"]
+        for h in heads:
+            sides = [ci(h[k]["positive_diff"], h[k]["positive_diff_ci95"], True) if k in h else "n/a"
+                     for k in ("side_A", "side_B")]
+            lines.append(f"| {h['variant']} | {h['against']} | {h['question']} | "
+                         f"{ci(h['positive_diff'], h['positive_diff_ci95'], True)} | {sides[0]} | {sides[1]} | "
+                         f"{h['kl_diff'][0]:+.3f} ± {h['kl_diff'][1]:.3f} |")
     need = [r["answers_for_5_points"] for r in summary if r["answers_for_5_points"]]
     n = summary[0]["answers"]
     shared = ", ".join(f"{k} {v['seconds']:.0f} s" for k, v in meta.get("stage_seconds", {}).items())
@@ -419,6 +465,8 @@ def main() -> None:
     ap.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], help="override the size's dtype")
     ap.add_argument("--from-partial", action="store_true",
                     help="write results.{json,md,png} from --out's runs.partial.json (the seeds finished so far)")
+    ap.add_argument("--rebuild", action="store_true",
+                    help="rewrite results.{json,md,png} from --out's results.json (after a change to the tables)")
     args = ap.parse_args()
     size = dict(TOY if args.toy else FULL)
     size.update({k: v for k, v in (("seeds", args.seeds), ("steps", args.steps), ("lr", args.lr),
@@ -430,6 +478,9 @@ def main() -> None:
     if args.from_partial:
         return write_results(out, json.loads((out / "meta.partial.json").read_text()),
                              json.loads((out / "runs.partial.json").read_text()), partial=True)
+    if args.rebuild:
+        done = json.loads((out / "results.json").read_text())
+        return write_results(out, done["meta"], done["runs"])
     t0 = time.time()
 
     import torch
@@ -517,9 +568,10 @@ def write_results(out: Path, meta: dict, results: list[dict], partial: bool = Fa
         results = [r for r in results if r["seed"] in done]
         meta = {**meta, "seeds": len(done), "partial": f"{len(done)} whole seed(s) of {meta['seeds']}"}
     summary = summarize(results, meta.get("heldout_side_a"))
-    (out / "results.json").write_text(json.dumps({"meta": meta, "summary": summary, "runs": results}, indent=1,
-                                                 default=str))
-    md = table_md(summary, meta)
+    heads = contrasts(results, meta.get("heldout_side_a"))
+    (out / "results.json").write_text(json.dumps({"meta": meta, "summary": summary, "contrasts": heads,
+                                                  "runs": results}, indent=1, default=str))
+    md = table_md(summary, meta, heads)
     (out / "results.md").write_text(md)
     plot(summary, out / "results.png")
     print(md, flush=True)

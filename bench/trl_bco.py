@@ -5,7 +5,8 @@
                               "beta": 0.1, "max_length": 160, "bf16": true, "seed": 0}'
 
 Same rows as bco-ray (the prepared data's train split: prompt, completion, label), same chat
-template, optimizer steps, global batch, peak lr, warm-up and schedule; everything else is
+template, optimizer steps, global batch, peak lr, warm-up and schedule ("constant" or "cosine",
+both after a 10 % warm-up, as bco-ray's train.schedule); everything else is
 TRL's default, the reference model run on the fly included. Writes the trained model
 (safetensors, with its tokenizer) to `out` and prints one `RESULT {json}` line. Run in its own
 process so that its memory, threads and accelerate state are its own.
@@ -41,7 +42,9 @@ def main(job: dict) -> dict:
          "completion": r["completion"], "label": bool(r["label"])} for r in rows])
     with tempfile.TemporaryDirectory() as scratch:
         cfg = BCOConfig(output_dir=scratch, per_device_train_batch_size=job["batch"], gradient_accumulation_steps=1,
-                        max_steps=job["steps"], learning_rate=job["lr"], lr_scheduler_type="constant_with_warmup",
+                        max_steps=job["steps"], learning_rate=job["lr"],
+                        lr_scheduler_type={"constant": "constant_with_warmup", "cosine": "cosine"}[job.get("schedule",
+                                                                                                     "constant")],
                         warmup_steps=max(1, round(0.1 * job["steps"])), beta=job["beta"],
                         max_length=job["max_length"], report_to="none", save_strategy="no", use_cpu=True,
                         bf16=job["bf16"], seed=job["seed"], data_seed=job["seed"], logging_steps=1,

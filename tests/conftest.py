@@ -75,8 +75,8 @@ def s3_endpoint():
     proc.wait(timeout=10)
 
 
-# The tiny-model settings most Ray tests share. UDM (on by default) is off here only to keep
-# these tests fast; it is on in test_udm, test_ingest, test_jobs' two-node run and the CI demo run.
+# The tiny-model settings most Ray tests share. UDM is off by default (docs/alignment-benchmark.md)
+# and said so here too; test_ingest, test_jobs' two-node run and the alignment benchmark turn it on.
 TINY = ["--model.policy", "tiny-llama", "--ingest.label_column", "feedback", "--ingest.max_length", "128",
         "--ingest.max_prompt_length", "96", "--udm.enabled", "false", "--ingest.eval_fraction", "0.2"]
 

@@ -75,6 +75,14 @@ def test_toy_alignment_benchmark_runs_its_variants(ray_local, tmp_path, monkeypa
         pooled = (a["positive_rate"] * a["answers"] + b["positive_rate"] * b["answers"]) / r["answers"]
         assert math.isclose(pooled, r["positive_rate"], abs_tol=1e-9)
     assert "By held-out prompt genre" in table
+    # head to head, paired: bco-ray's default against TRL, its interval around its estimate
+    (head,) = res["contrasts"]
+    assert (head["variant"], head["against"]) == ("BCO + UDM", bench.TRL) and head["seeds"] == meta["seeds"]
+    lo, hi = head["positive_diff_ci95"]
+    assert lo <= head["positive_diff"] <= hi and "Head to head" in table
+    ours_kl = [r["kl"] for r in runs if r["variant"] == "BCO + UDM"]
+    trl_kl = [r["kl"] for r in runs if r["variant"] == bench.TRL]
+    assert head["kl_diff"][0] == pytest.approx(sum(ours_kl) / len(ours_kl) - sum(trl_kl) / len(trl_kl))
 
     # --from-partial rebuilds the same summary from what a crashed run leaves behind
     first = (out / "results.json").read_text()
@@ -82,3 +90,9 @@ def test_toy_alignment_benchmark_runs_its_variants(ray_local, tmp_path, monkeypa
     bench.main()
     again = json.loads((out / "results.json").read_text())
     assert again["summary"] == json.loads(first)["summary"] and again["meta"]["partial"] == "1 whole seed(s) of 1"
+    # --rebuild rewrites the tables from a finished run's results.json
+    (out / "results.md").unlink()
+    monkeypatch.setattr(sys, "argv", ["alignment.py", "--toy", "--out", str(out), "--rebuild"])
+    bench.main()
+    assert json.loads((out / "results.json").read_text())["contrasts"] == again["contrasts"]
+    assert (out / "results.md").read_text().startswith("| variant |")

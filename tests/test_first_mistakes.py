@@ -136,12 +136,12 @@ def test_every_key_that_asks_for_gpus_is_checked_against_the_cluster():
     from bco_ray.config import load_config
     from bco_ray.preflight import gpu_requests, stages_of
 
-    cfg = load_config(None, ["--udm.num_gpus_per_actor", "1", "--score.num_gpus_per_actor", "1",
+    cfg = load_config(None, ["--udm.enabled", "true", "--udm.num_gpus_per_actor", "1", "--score.num_gpus_per_actor", "1",
                              "--train.use_gpu", "true", "--serve.gpus_per_replica", "1"])
     assert gpu_requests(cfg, stages_of(cfg, "align")) == [
         "train.use_gpu: true", "udm.num_gpus_per_actor: 1.0", "score.num_gpus_per_actor: 1.0",
         "serve.gpus_per_replica: 1.0"]
-    prep = load_config(None, ["--udm.num_gpus_per_actor", "1", "--score.num_gpus_per_actor", "1",
+    prep = load_config(None, ["--udm.enabled", "true", "--udm.num_gpus_per_actor", "1", "--score.num_gpus_per_actor", "1",
                               "--run.stop_after", "prepare"])
     assert gpu_requests(prep, stages_of(prep, "align")) == ["udm.num_gpus_per_actor: 1.0"]
 

@@ -1,5 +1,5 @@
-"""The generation check that runs during training (bco_ray.train.loop): the sharded policy
-decodes exactly what the plain engine decodes, the verdict applies the eval gate's limits, and
+"""The generation check that runs during training (bco_ray.train.gencheck): the sharded policy
+decodes exactly what the plain engine decodes, with its weights kept gathered or not, the verdict applies the eval gate's limits, and
 'best' never picks a failed eval. Ray Train's early stop is in test_train."""
 
 import json
@@ -11,7 +11,8 @@ import torch
 import torch.multiprocessing as mp
 
 from bco_ray.config import load_config
-from bco_ray.train.loop import _improved, generation_check, generation_verdict
+from bco_ray.train.gencheck import generation_check, generation_verdict
+from bco_ray.train.loop import _improved
 
 QUESTIONS = ["How do I reset my password?", "What is two plus two?", "Name a colour.",
              "Write one sentence about the sea and the long grey winter light over it.", "Hi"]
@@ -48,6 +49,11 @@ def _fsdp_worker(rank, world, init_file, out_dir):
             fully_shard(layer)
         fully_shard(policy)
         answers = generation_check(policy, lm, tok, torch.device("cpu"), _prompts(tok), 12, rank, world)
+        # gather_share 0: the weights never fit, each decode step gathers them again (a 70B's path)
+        regathered = generation_check(policy, lm, tok, torch.device("cpu"), _prompts(tok), 12, rank, world,
+                                      gather_share=0.0)
+        # Either way the weights are back in shards afterwards, each rank holding its half.
+        sharded = all(p._local_tensor.numel() < p.numel() for p in policy.parameters() if p.numel() > 1)
         # Training goes on afterwards on the same shards: a step's forward and backward work.
         ids = torch.tensor([_prompts(tok)[0] + [5, 6, 7]])
         mask = torch.zeros_like(ids)
@@ -55,7 +61,7 @@ def _fsdp_worker(rank, world, init_file, out_dir):
         policy(ids, torch.ones_like(ids), mask).sum().backward()
         grads = all(p.grad is not None for p in policy.parameters())
         with open(os.path.join(out_dir, f"r{rank}.json"), "w") as f:
-            json.dump({"answers": answers, "grads": grads}, f)
+            json.dump({"answers": answers, "regathered": regathered, "grads": grads, "sharded": sharded}, f)
 
 
 @pytest.mark.dist
@@ -72,6 +78,7 @@ def test_two_fsdp_ranks_decode_what_the_plain_model_decodes():
     assert [a["token_ids"] for a in got[0]["answers"]] == [a["token_ids"] for a in want]
     assert all(len(a["token_ids"]) > 0 for a in want)
     assert got[0]["grads"] and got[1]["grads"]
+    assert got[0]["regathered"] == got[0]["answers"] and got[0]["sharded"] and got[1]["sharded"]
 
 
 def test_one_process_check_matches_the_plain_engine_and_keeps_training_mode(tiny_llama):

@@ -16,7 +16,7 @@ from bco_ray.data.ingest import prepare
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 BASE = ["--model.policy", "tiny-llama", "--ingest.label_column", "feedback", "--ingest.max_length", "256",
-        "--ingest.max_prompt_length", "200"]
+        "--ingest.max_prompt_length", "200", "--udm.enabled", "true"]  # on here (off by default): what it does
 
 
 def write_corrupt_pages(path, rows=5) -> int:

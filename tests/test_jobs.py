@@ -140,7 +140,7 @@ def test_align_on_two_nodes_with_the_demo_config_leaks_no_secret_and_a_rerun_ski
            "AWS_ACCESS_KEY_ID": secrets[0], "AWS_SECRET_ACCESS_KEY": secrets[1]}
     run_dir = tmp_path / "run"
     args = ["--run.run_dir", "run", "--model.policy", "tiny-llama", "--ingest.input", str(ROOT / "data" / "demo_feedback"),
-            "--udm.sample_size", "256", "--train.max_steps", "4", "--train.checkpoint_every", "2",
+            "--udm.enabled", "true", "--udm.sample_size", "256", "--train.max_steps", "4",  # UDM: off by default "--train.checkpoint_every", "2",
             "--train.eval_every", "0", "--train.max_failures", "0", "--serve.port", str(free_port()),
             "--storage.access_key_id", secrets[0], "--storage.secret_access_key", secrets[1],
             "--serve.api_keys", f"[{secrets[2]}]",

@@ -79,6 +79,13 @@ def test_two_fsdp_workers_equal_one_process_and_export_loads(scored, full, tmp_p
     # split has more: the old path had every worker read all of it, every epoch).
     assert two["rows_read"]["train"] == [16, 16] and one["rows_read"]["train"] == [32]
     assert two["data"]["train"]["rows"] > 32
+    # Where the time went: every phase timed, none negative, and together they are the stage.
+    for c in (two, one):
+        ph = c["phase_seconds"]
+        assert {"splits in the global order", "worker setup", "reading batches", "optimizer steps", "eval",
+                "export", "checkpoint", "worker group start and stop, final checkpoint"} <= set(ph), ph
+        assert min(ph.values()) >= 0 and ph["optimizer steps"] >= sum(h["seconds"] for h in c["history"]) - 0.06  # rounded to 0.1 s
+        assert sum(ph.values()) == pytest.approx(c["seconds"], abs=1.0), (ph, c["seconds"])
 
 
 @pytest.mark.parametrize("loss", ["kto", "dpo"])

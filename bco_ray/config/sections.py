@@ -116,7 +116,7 @@ class IngestConfig:
 class UDMConfig:
     """Underlying distribution matching: density-ratio weights for thumbs-down rows."""
 
-    enabled: bool = knob(True, "Fit UDM and write a weight per row; off: every weight is 1.")
+    enabled: bool = knob(False, "Fit UDM and write a weight per row; off (the default: in the powered benchmark it lowered the judged gain by 4.3 points on a prompt-shifted log, docs/alignment-benchmark.md): every weight is 1.")
     sample_size: int = knob(1024, "Prompts sampled per label (train split) to fit the classifier.")
     eval_sample_size: int = knob(512, "Prompts sampled per label from the eval split for held-out accuracy / AUC.")
     min_density_ratio: float = knob(0.5, "Lower clamp of the weight p / (1 - p).")

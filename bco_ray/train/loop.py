@@ -20,9 +20,9 @@ import time
 import torch
 
 from bco_ray.config import Config, from_dict
-from bco_ray.eval import quality
 from bco_ray.train import checkpoint, weights
 from bco_ray.train.batching import rank_micro_batches
+from bco_ray.train.gencheck import gen_line, generation_check, generation_verdict
 from bco_ray.train.objectives import RewardShift
 from bco_ray.train.rank_data import RankData, check_prompts
 from bco_ray.train.step import PolicyLogps, collate, evaluate, train_step
@@ -135,56 +135,6 @@ def _flops_per_token(lm) -> float:
     return 6 * n + 12 * c.num_hidden_layers * c.hidden_size * 512
 
 
-# ---------------------------------------------------------------------------- generation check
-
-def generation_check(policy, lm, tok, device, prompts: list[list[int]], max_tokens: int, rank: int,
-                     world: int) -> list[dict]:
-    """The policy's greedy answers to `prompts`, in order, on every rank. Each rank decodes its
-    share in lockstep (every forward gathers FSDP shards, so all ranks make the same passes)."""
-    from bco_ray.serve.generate import HFEngine, Sampling
-
-    share = -(-len(prompts) // world)
-    mine = prompts[rank * share:(rank + 1) * share]
-    mine += [prompts[0]] * (share - len(mine))  # padding, after every real prompt once gathered
-    engine = HFEngine.wrap(policy, tok, device, config=lm.config, generation_config=lm.generation_config)
-    got: list = []
-    policy.eval()
-    with torch.no_grad():
-        for _ in engine.decode(mine, [Sampling(max_tokens=max_tokens, temperature=0.0)] * share, got,
-                               lockstep=world > 1):
-            pass
-    checkpoint.reshard(policy)
-    policy.train()
-    answers = [{"token_ids": list(o.token_ids), "text": o.text, "finish_reason": o.finish_reason} for o in got]
-    if world > 1:
-        parts: list = [None] * world
-        torch.distributed.all_gather_object(parts, answers)
-        answers = [a for part in parts for a in part]
-    return answers[:len(prompts)]
-
-
-def generation_verdict(answers: list[dict], start: list[dict], cfg: Config) -> dict:
-    """The eval gate's degeneration limits (eval.max_*_increase), applied to the policy's greedy
-    answers against the starting model's on the same prompts."""
-    m = quality.compare(answers, start, cfg.train.gen_check_max_tokens, cfg.run.seed)
-    ec = cfg.eval
-    reasons = quality.gate({"greedy": m}, {"max_degenerate_increase": ec.max_degenerate_increase,
-                                           "max_length_increase": ec.max_length_increase,
-                                           "max_empty_increase": ec.max_empty_increase})
-    out = {f"gen/{k}": m[k]["candidate"]["rate"] for k in ("degenerate", "at_max_tokens", "empty")}
-    out.update({f"gen/{k}_start": m[k]["reference"]["rate"] for k in ("degenerate", "at_max_tokens", "empty")})
-    out.update({"gen/tokens": m["tokens"]["candidate"], "gen/distinct_2": m["distinct_2"]["candidate"],
-                "gen/passed": not reasons, "gen/reasons": reasons, "gen/prompts": m["n"]})
-    return out
-
-
-def _gen_line(step: int, ev: dict) -> str:
-    return (f"[train] generation check at step {step} ({ev['gen/prompts']} prompts, greedy): looping "
-            f"{ev['gen/degenerate']:.0%} (step 0: {ev['gen/degenerate_start']:.0%}), cut at max tokens "
-            f"{ev['gen/at_max_tokens']:.0%} ({ev['gen/at_max_tokens_start']:.0%}), empty {ev['gen/empty']:.0%} "
-            f"({ev['gen/empty_start']:.0%}): " + ("passed" if ev["gen/passed"] else "FAILED: " + "; ".join(ev["gen/reasons"])))
-
-
 # ---------------------------------------------------------------------------- export
 
 def export_dtype(cfg: Config, device: torch.device) -> torch.dtype:
@@ -265,6 +215,27 @@ def count_skips(state: dict, metrics: dict, limit: int) -> str | None:
             f"({in_row} in a row, {state['nonfinite_steps']} in the run; the limit is {limit})")
 
 
+class PhaseClock:
+    """Wall seconds per phase of the worker's run (rank 0's view), summed over attempts: where
+    a train stage's time goes, for the run card. `with clock("eval"): ...`"""
+
+    def __init__(self, seconds: dict | None = None):
+        self.seconds = dict(seconds or {})
+        self._phase = None
+
+    def __call__(self, phase: str):
+        self._phase = phase
+        return self
+
+    def __enter__(self):
+        self._t0, self._name = time.perf_counter(), self._phase
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds[self._name] = round(self.seconds.get(self._name, 0.0) + time.perf_counter() - self._t0, 3)
+        return False
+
+
 def _progress(step: int, total: int, m: dict) -> str:
     mfu = f" | MFU {m['mfu']:.1%}" if m.get("mfu") is not None else ""
     return (f"[train] step {step}/{total} | loss {m['loss']:.4f} | r+ {m['rewards/chosen']:+.4f} "
@@ -285,6 +256,7 @@ def worker_loop(config: dict) -> None:
     from bco_ray.train.tracking import Tracker
 
     global _CONSOLE
+    t_start = time.perf_counter()
     cfg: Config = from_dict(config["cfg"])
     tc, obj = cfg.train, cfg.objective
     _CONSOLE = config.get("console")
@@ -328,6 +300,8 @@ def worker_loop(config: dict) -> None:
         if rank == 0:
             say(f"[train] reward shift carried over from {cfg.objective.reward_shift_from} (delta {shift.value:+.4f})")
     state["fingerprint"] = config["fingerprint"]  # this run's settings from here on (train.resume force)
+    clock = PhaseClock(state.get("phase_seconds"))
+    clock.seconds["worker setup"] = round(clock.seconds.get("worker setup", 0.0) + time.perf_counter() - t_start, 3)
     nodes: list = [ray.get_runtime_context().get_node_id()] * world  # where the workers run (run card)
     if torch.distributed.is_initialized():
         torch.distributed.all_gather_object(nodes, nodes[0])
@@ -353,8 +327,9 @@ def worker_loop(config: dict) -> None:
     gen_prompts = (check_prompts(data.readers["eval"], tc.gen_check_prompts, order["eval"]["rows"])
                    if tc.eval_every and tc.gen_check_prompts else [])
     if gen_prompts and state["step"] == 0:
-        state["gen_start"] = generation_check(policy, lm, tok, device, gen_prompts, tc.gen_check_max_tokens, rank,
-                                              world)
+        with clock("generation check"):
+            state["gen_start"] = generation_check(policy, lm, tok, device, gen_prompts, tc.gen_check_max_tokens,
+                                                  rank, world)
     if gen_prompts and "gen_start" not in state:
         gen_prompts = []
     if rank == 0 and tc.eval_every and tc.gen_check_prompts:
@@ -365,32 +340,38 @@ def worker_loop(config: dict) -> None:
     eval_batches: list[dict] = []  # read once, at the first eval: O(eval_max_rows / world) rows
 
     def run_eval() -> dict:
-        policy.eval()
-        if not eval_batches:
-            eval_batches.extend(data.eval_batches(config["eval_units"], tc.micro_batch_size, pad, tc.packing))
-        m = evaluate(policy, eval_batches, shift, obj, autocast)
-        checkpoint.reshard(policy)  # free the root's gathered weights; the optimizer holds the shards
-        policy.train()
+        with clock("eval"):
+            policy.eval()
+            if not eval_batches:
+                eval_batches.extend(data.eval_batches(config["eval_units"], tc.micro_batch_size, pad, tc.packing))
+            m = evaluate(policy, eval_batches, shift, obj, autocast)
+            checkpoint.reshard(policy)  # free the root's gathered weights; the optimizer holds the shards
+            policy.train()
         m["step"] = state["step"]
         if gen_prompts:
-            answers = generation_check(policy, lm, tok, device, gen_prompts, tc.gen_check_max_tokens, rank, world)
+            with clock("generation check"):
+                answers = generation_check(policy, lm, tok, device, gen_prompts, tc.gen_check_max_tokens, rank,
+                                           world)
             m.update(generation_verdict(answers, state["gen_start"], cfg))
             state["gen_failed_in_row"] = 0 if m["gen/passed"] else state.get("gen_failed_in_row", 0) + 1
             if rank == 0:
-                say(_gen_line(state["step"], m))
+                say(gen_line(state["step"], m))
         return m
 
     def collapsing() -> bool:
         return bool(tc.early_stop_patience) and state.get("gen_failed_in_row", 0) >= tc.early_stop_patience
 
     def save_and_report(metrics: dict) -> None:
-        with tempfile.TemporaryDirectory() as d:
+        # the state saved holds the clock so far: the final checkpoint's own time is the
+        # driver's remainder (train/stage.py)
+        state["phase_seconds"] = dict(clock.seconds)
+        with clock("checkpoint"), tempfile.TemporaryDirectory() as d:
             checkpoint.save(d, policy, opt, sched, shift, state, rank, world, tc.strategy)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
     def export(ev: dict) -> None:
         """Every rank joins the weight gather; rank 0 writes and uploads."""
-        with tempfile.TemporaryDirectory() as d:
+        with clock("export"), tempfile.TemporaryDirectory() as d:
             export_model(policy, lm, tok, cfg, rank, d, device)
             if rank == 0:
                 exports.write(d, config["export"], cfg.storage, {"step": state["step"], "train_name": tc.name})
@@ -403,13 +384,15 @@ def worker_loop(config: dict) -> None:
     ev = None  # the last eval, when training stopped early on it
     while step < total and ev is None:
         epoch, j = divmod(step, spe)
-        mine = data.step_units(step, step + 1 if step + 1 < total else None)
-        mbs = [collate(rows, pad, tc.packing) for rows in rank_micro_batches(mine, tc.grad_accum)]
-        t0 = time.perf_counter()
-        metrics = train_step(policy, opt, mbs, shift, obj, tc.max_grad_norm or None, sched, autocast)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
+        with clock("reading batches"):
+            mine = data.step_units(step, step + 1 if step + 1 < total else None)
+            mbs = [collate(rows, pad, tc.packing) for rows in rank_micro_batches(mine, tc.grad_accum)]
+        with clock("optimizer steps"):
+            t0 = time.perf_counter()
+            metrics = train_step(policy, opt, mbs, shift, obj, tc.max_grad_norm or None, sched, autocast)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
         step += 1
         state["step"] = step
         metrics.update(step=step, epoch=epoch + (j + 1) / spe, seconds=dt, tokens_per_s=metrics["tokens"] / dt,

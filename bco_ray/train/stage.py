@@ -266,6 +266,7 @@ def train(cfg: Config, _fail_at_step: int | None = None, _fail_marker: str | Non
 
     shift_init = reward_shift_seed(cfg)
     console.status("writing the splits in the global order")
+    t_order = time.time()
     chunk = chunk_units(p["global_batch_units"], tc.shuffle_chunk)
     order_meta = {"data": scored_manifest.get("key"), "seed": cfg.run.seed, "loss": cfg.objective.loss,
                   "interleave_labels": tc.interleave_labels, "columns": columns}
@@ -276,6 +277,7 @@ def train(cfg: Config, _fail_at_step: int | None = None, _fail_marker: str | Non
                                                       store_fs, out_dir, chunk, order_meta,
                                                       pairs[split] if pairs is not None else None)}
 
+    t_order = time.time() - t_order
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0 if tc.use_gpu is None else tc.use_gpu
     resources = {"CPU": tc.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
     tracking = tc.tracking_uri
@@ -293,8 +295,10 @@ def train(cfg: Config, _fail_at_step: int | None = None, _fail_marker: str | Non
             failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_checkpoints)),
     )
+    t_fit = time.time()
     try:
         result = trainer.fit()
+        t_fit = time.time() - t_fit
     finally:
         if sink:
             sink.close()
@@ -304,6 +308,7 @@ def train(cfg: Config, _fail_at_step: int | None = None, _fail_marker: str | Non
         with open(f"{d}/state.json") as f:
             state = json.load(f)
     card = {
+        "phase_seconds": phase_seconds(state.get("phase_seconds", {}), t_order, t_fit, time.time() - t0),
         "model": export_uri, "exported_step": state.get("exported_step"), "exported_eval": state.get("exported_eval"),
         "stopped_early": state.get("stopped_early"), "nonfinite_steps": state.get("nonfinite_steps", 0),
         "base_model": cfg.model.policy, "reference": cfg.model.reference or cfg.model.policy,
@@ -314,6 +319,8 @@ def train(cfg: Config, _fail_at_step: int | None = None, _fail_marker: str | Non
         "rows_read": state.get("rows_read"), "checkpoint": result.checkpoint.path, "worker_nodes": state.get("worker_nodes"), "mlflow": {"tracking_uri": tracking, "run_id": state.get("mlflow_run_id")},
         "seconds": round(time.time() - t0, 1), "config": redacted(cfg),
     }
+    console.say("[train] where the time went: " + ", ".join(
+        f"{k} {v:.0f} s" for k, v in sorted(card["phase_seconds"].items(), key=lambda kv: -kv[1]) if v >= 0.5))
     efs, epath = storage.filesystem(export_uri, cfg.storage)
     stale = storage.join(epath, "eval.json")  # an earlier model's eval verdict: not this model's
     if storage.exists(efs, stale):
@@ -321,6 +328,16 @@ def train(cfg: Config, _fail_at_step: int | None = None, _fail_marker: str | Non
     storage.write_bytes(efs, storage.join(epath, "run_card.json"), json.dumps(card, indent=1).encode())
     storage.write_bytes(efs, storage.join(epath, "README.md"), _card_markdown(card).encode())
     return card
+
+
+def phase_seconds(worker: dict, order: float, fit: float, total: float) -> dict:
+    """Where the stage's wall time went: the driver's parts around rank 0's phases. Ray Train's
+    worker start and stop and the final checkpoint are the part of trainer.fit() the workers'
+    clock does not see (on a resumed run the workers' phases span every attempt)."""
+    out = {"splits in the global order": round(order, 1), **{k: round(v, 1) for k, v in worker.items()}}
+    out["worker group start and stop, final checkpoint"] = round(max(fit - sum(worker.values()), 0.0), 1)
+    out["other"] = round(max(total - fit - order, 0.0), 1)
+    return out
 
 
 def _card_markdown(card: dict) -> str:
