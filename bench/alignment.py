@@ -320,6 +320,12 @@ def paired_diff(rs: list[dict], ref: dict, keep=lambda prompt: True) -> tuple[fl
     return float(per_prompt.mean()), bootstrap_mean(per_prompt), float(np.mean(discordant))
 
 
+def side_diffs(rs: list[dict], ref: dict, side_a: list[bool]) -> dict:
+    """paired_diff within each genre side: {"A": (diff, ci95), "B": (diff, ci95)}."""
+    return {side: paired_diff(rs, ref, keep=lambda prompt, want=want: side_a[prompt] == want)[:2]
+            for side, want in (("A", True), ("B", False))}
+
+
 def summarize(results: list[dict], side_a: list[bool] | None = None) -> list[dict]:
     """Per variant, answers pooled over seeds: rates with Wilson intervals, the paired
     difference to the reference with a bootstrap interval over prompts (answers to one
@@ -341,10 +347,11 @@ def summarize(results: list[dict], side_a: list[bool] | None = None) -> list[dic
             row[f"{key}_rate"], row[f"{key}_ci95"], row["answers"] = float(x.mean()), wilson(int(x.sum()), len(x)), len(x)
         row["positive_diff"], row["positive_diff_ci95"], row["discordance"] = paired_diff(rs, ref)
         if side_a is not None:
+            diffs = side_diffs(rs, ref, side_a)
             for side, want in (("A", True), ("B", False)):
                 x = [float(v) for r in rs for prompt, v in zip(r["answers"]["prompt"], r["answers"]["positive"],
                                                                strict=True) if side_a[prompt] == want]
-                diff, ci, _ = paired_diff(rs, ref, keep=lambda prompt, want=want: side_a[prompt] == want)
+                diff, ci = diffs[side]
                 row[f"side_{side}"] = {"positive_rate": float(np.mean(x)), "positive_ci95": wilson(int(sum(x)), len(x)),
                                        "answers": len(x), "positive_diff": diff, "positive_diff_ci95": ci}
         row["answers_for_5_points"] = answers_for(0.05, row["discordance"]) if name != "reference" else None
@@ -369,8 +376,7 @@ def contrasts(results: list[dict], side_a: list[bool] | None = None) -> list[dic
         row = {"variant": name, "against": other, "question": question, "seeds": len(rs)}
         row["positive_diff"], row["positive_diff_ci95"], row["discordance"] = paired_diff(rs, answers)
         if side_a is not None:
-            for side, want in (("A", True), ("B", False)):
-                d, ci, _ = paired_diff(rs, answers, keep=lambda prompt, want=want: side_a[prompt] == want)
+            for side, (d, ci) in side_diffs(rs, answers, side_a).items():
                 row[f"side_{side}"] = {"positive_diff": d, "positive_diff_ci95": ci}
         kl = np.array([r["kl"] - base[r["seed"]]["kl"] for r in rs])
         row["kl_diff"] = (float(kl.mean()), float(kl.std(ddof=1)) if len(kl) > 1 else 0.0)

@@ -10,6 +10,7 @@ it on machines that have only torch and transformers.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -217,23 +218,21 @@ def count_skips(state: dict, metrics: dict, limit: int) -> str | None:
 
 class PhaseClock:
     """Wall seconds per phase of the worker's run (rank 0's view), summed over attempts: where
-    a train stage's time goes, for the run card. `with clock("eval"): ...`"""
+    a train stage's time goes, for the run card. `with clock("eval"): ...` or `clock.add(...)`."""
 
     def __init__(self, seconds: dict | None = None):
         self.seconds = dict(seconds or {})
-        self._phase = None
 
+    def add(self, phase: str, seconds: float) -> None:
+        self.seconds[phase] = round(self.seconds.get(phase, 0.0) + seconds, 3)
+
+    @contextlib.contextmanager
     def __call__(self, phase: str):
-        self._phase = phase
-        return self
-
-    def __enter__(self):
-        self._t0, self._name = time.perf_counter(), self._phase
-        return self
-
-    def __exit__(self, *exc):
-        self.seconds[self._name] = round(self.seconds.get(self._name, 0.0) + time.perf_counter() - self._t0, 3)
-        return False
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(phase, time.perf_counter() - t0)
 
 
 def _progress(step: int, total: int, m: dict) -> str:
@@ -301,7 +300,7 @@ def worker_loop(config: dict) -> None:
             say(f"[train] reward shift carried over from {cfg.objective.reward_shift_from} (delta {shift.value:+.4f})")
     state["fingerprint"] = config["fingerprint"]  # this run's settings from here on (train.resume force)
     clock = PhaseClock(state.get("phase_seconds"))
-    clock.seconds["worker setup"] = round(clock.seconds.get("worker setup", 0.0) + time.perf_counter() - t_start, 3)
+    clock.add("worker setup", time.perf_counter() - t_start)
     nodes: list = [ray.get_runtime_context().get_node_id()] * world  # where the workers run (run card)
     if torch.distributed.is_initialized():
         torch.distributed.all_gather_object(nodes, nodes[0])
@@ -387,12 +386,12 @@ def worker_loop(config: dict) -> None:
         with clock("reading batches"):
             mine = data.step_units(step, step + 1 if step + 1 < total else None)
             mbs = [collate(rows, pad, tc.packing) for rows in rank_micro_batches(mine, tc.grad_accum)]
-        with clock("optimizer steps"):
-            t0 = time.perf_counter()
-            metrics = train_step(policy, opt, mbs, shift, obj, tc.max_grad_norm or None, sched, autocast)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            dt = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        metrics = train_step(policy, opt, mbs, shift, obj, tc.max_grad_norm or None, sched, autocast)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        clock.add("optimizer steps", dt)
         step += 1
         state["step"] = step
         metrics.update(step=step, epoch=epoch + (j + 1) / spe, seconds=dt, tokens_per_s=metrics["tokens"] / dt,
