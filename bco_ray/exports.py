@@ -58,7 +58,8 @@ def check_target(uri: str, cfg: StorageConfig) -> None:
 
 
 def write(local_dir: str, uri: str, cfg: StorageConfig, info: dict) -> dict:
-    """Replace the export at `uri` with the files of `local_dir`; returns the new marker."""
+    """Replace the export at `uri` with the files of `local_dir`, moved there (`local_dir` is
+    gone afterwards); returns the new marker."""
     fs, path = storage.filesystem(uri, cfg)
     check_target(uri, cfg)
     fs.create_dir(path, recursive=True)
@@ -70,7 +71,7 @@ def write(local_dir: str, uri: str, cfg: StorageConfig, info: dict) -> dict:
             if storage.exists(fs, storage.join(path, name)):
                 fs.delete_file(storage.join(path, name))
     files = sorted(str(p.relative_to(local_dir)) for p in Path(local_dir).rglob("*") if p.is_file())
-    pafs.copy_files(local_dir, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    storage.move_files(local_dir, files, fs, path)
     marker = {"format": FORMAT, "version": uuid.uuid4().hex, "written_at": time.time(), "files": files, **info}
     storage.write_bytes(fs, storage.join(path, MARKER), json.dumps(marker, indent=1).encode())
     fs.delete_file(storage.join(path, INCOMPLETE))

@@ -178,6 +178,11 @@ def check_before_ray(cfg: Config, command: str) -> None:
 
         check_input(cfg)  # input, schema, date filter
     check_models(cfg, stages)
+    if "train" in stages:
+        from bco_ray.train.stage import interval
+
+        for key in ("eval_every", "checkpoint_every"):  # before the stages ahead of train spend minutes
+            interval(getattr(cfg.train, key), 1, f"train.{key}")
     if "eval" in stages and (cfg.eval.enabled or command in ("eval", "tune")):
         check_eval(cfg, command)
     if command == "serve":

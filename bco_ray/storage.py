@@ -8,9 +8,11 @@ environment variables and credential chain. Filesystems pickle, so Ray tasks get
 from __future__ import annotations
 
 import dataclasses
+import errno
 import fnmatch
 import os
 import posixpath
+import shutil
 import sys
 from urllib.parse import urlparse
 
@@ -151,6 +153,30 @@ def partition_value(path: str, key: str) -> str | None:
         if part.startswith(key + "="):
             return part[len(key) + 1:]
     return None
+
+
+def move_files(src: str, names: list[str], fs: pafs.FileSystem, dest: str) -> None:
+    """Move the files `names` (relative paths) of the local directory `src` into `dest`, in that
+    order, then remove `src`. A local `dest` gets them by rename (copied only across devices):
+    a model or checkpoint written beside its destination is written once, not twice."""
+    if not isinstance(fs, pafs.LocalFileSystem):
+        local = pafs.LocalFileSystem()
+        fs.create_dir(dest, recursive=True)
+        for name in names:
+            pafs.copy_files(os.path.join(src, name), join(dest, name), source_filesystem=local,
+                            destination_filesystem=fs)
+        shutil.rmtree(src)
+        return
+    for name in names:
+        a, b = os.path.join(src, name), os.path.join(dest, name)
+        os.makedirs(os.path.dirname(b), exist_ok=True)
+        try:
+            os.replace(a, b)
+        except OSError as e:
+            if e.errno != errno.EXDEV:
+                raise
+            shutil.copyfile(a, b)
+    shutil.rmtree(src)
 
 
 def write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:

@@ -4,6 +4,7 @@ where bco-ray's train stage spends its wall time.
     python bench/train_wall.py                          # the demo config and log, 2 CPUs: ~12 min
     python bench/train_wall.py --steps 76 --layouts config     # one epoch of the demo's log: ~14 min
     python bench/train_wall.py --config my.yaml --steps 40 --out runs/bench-wall --train.lr 1e-5
+    python bench/train_wall.py --steps 76 --layouts config --trl-from /tmp/bench-train-wall/train_wall.json
 
 bco-ray runs its stages with the config as a user would (`prepare`, `score-ref`, then `train`
 in each layout below, every one from the same scored data); TRL 1.13's BCOTrainer (the
@@ -30,6 +31,8 @@ LAYOUTS = {  # key: (name, overrides on top of the config)
     "fsdp2": ("2 FSDP workers x 1 thread (gloo)", ["--train.num_workers", "2", "--train.cpus_per_worker", "0.5",
                                                    "--train.micro_batch_size", "{half}", "--train.grad_accum", "1"]),
     "nogen": ("the config's layout, generation check off", ["--train.gen_check_prompts", "0"]),
+    "every10": ("the config's layout, eval and checkpoint every 10 steps", ["--train.eval_every", "10",
+                                                                           "--train.checkpoint_every", "10"]),
 }
 
 
@@ -53,7 +56,9 @@ def main() -> None:
     ap.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
     ap.add_argument("--steps", type=int, help="optimizer steps (default: the config's train.max_steps)")
     ap.add_argument("--out", default="/tmp/bench-train-wall")
-    ap.add_argument("--layouts", default=",".join(LAYOUTS), help="comma-separated subset of: " + ", ".join(LAYOUTS))
+    ap.add_argument("--layouts", default="config,fsdp2,nogen", help="comma-separated subset of: " + ", ".join(LAYOUTS))
+    ap.add_argument("--trl-from", help="an earlier train_wall.json of the same machine, config and steps: its TRL run "
+                                       "is reused (TRL's code did not change; 8-15 min saved)")
     args, overrides = ap.parse_known_args()  # the rest: dotted config overrides, e.g. --train.lr 1e-5
 
     from bco_ray.config import load_config
@@ -88,7 +93,14 @@ def main() -> None:
         print(f"[wall] train, {name}: {json.dumps(res['train'][name])}", flush=True)
         shutil.rmtree(card["model"], ignore_errors=True)
         shutil.rmtree(out / "data" / "train", ignore_errors=True)  # checkpoints: GBs each
-    res["trl"] = trl(cfg, str(out / "data" / "prepared" / "data"), out / "trl-model", cfg.run.seed)
+    if args.trl_from:
+        before = json.loads(Path(args.trl_from).read_text())
+        if before["steps"] != res["steps"] or before["rows"] != res["rows"]:
+            raise SystemExit(f"--trl-from {args.trl_from}: another budget or split ({before['steps']} steps, "
+                             f"{before['rows']} rows)")
+        res["trl"] = {**before["trl"], "reused_from": args.trl_from}
+    else:
+        res["trl"] = trl(cfg, str(out / "data" / "prepared" / "data"), out / "trl-model", cfg.run.seed)
     shutil.rmtree(out / "trl-model", ignore_errors=True)
     print(f"[wall] TRL 1.13 BCOTrainer: {json.dumps(res['trl'])}", flush=True)
     (out / "train_wall.json").write_text(json.dumps(res, indent=1))

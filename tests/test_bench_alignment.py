@@ -96,3 +96,26 @@ def test_toy_alignment_benchmark_runs_its_variants(ray_local, tmp_path, monkeypa
     bench.main()
     assert json.loads((out / "results.json").read_text())["contrasts"] == again["contrasts"]
     assert (out / "results.md").read_text().startswith("| variant |")
+
+
+def test_toy_convergence_curve_judges_every_checkpoint(ray_local, tmp_path, monkeypatch):
+    """bench/convergence.py at toy size: one run checkpointed every 2 steps, every checkpoint's
+    weights judged against step 0 on the same paired answers, beside the train stage's eval curve."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    spec = importlib.util.spec_from_file_location("bench_convergence", ROOT / "bench" / "convergence.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "conv"
+    monkeypatch.setattr(sys, "argv", ["convergence.py", "--toy", "--out", str(out), "--epochs", "0.5", "--every", "2"])
+    bench.main()
+
+    res = json.loads((out / "curve.json").read_text())
+    steps = [c["step"] for c in res["curve"]]
+    assert steps == list(range(0, res["steps"] + 1, 2)) and res["steps"] >= 4, steps
+    first, *trained = res["curve"]
+    assert first["kl"] == 0.0 and first["vs_reference"] is None  # the reference against itself
+    assert all(c["kl"] != 0.0 and c["eval/loss"] is not None for c in trained)  # each point is its own weights
+    assert all(c["vs_reference"][1][0] <= c["vs_reference"][0] <= c["vs_reference"][1][1] for c in trained)
+    assert [c["epoch"] for c in trained] == sorted(c["epoch"] for c in trained)
+    assert "| step | epoch |" in (out / "curve.md").read_text()
+    assert not list(out.rglob("rank0-*.safetensors"))  # the checkpoints (GBs at full size) are removed

@@ -122,3 +122,21 @@ def test_cli_help_lists_stages_and_rejects_bad_config():
     bad = subprocess.run([sys.executable, "-m", "bco_ray.cli", "config", "show", "--objective.beta", "x"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "objective.beta: expected float" in bad.stderr
+
+
+def test_eval_and_checkpoint_cadence_is_steps_or_a_share_of_the_run():
+    """train.eval_every / checkpoint_every: whole steps, or below 1 a share of the run's steps
+    (the demo's 0.5: halfway, at 20 steps as at one epoch's 76), 0 only at the end; anything
+    else is refused with the key's name (before any stage runs: preflight)."""
+    from bco_ray.preflight import check_before_ray
+    from bco_ray.train.stage import interval
+
+    assert [interval(0.5, n, "k") for n in (20, 76, 1)] == [10, 38, 1]
+    assert interval(0.25, 76, "k") == 19 and interval(10, 76, "k") == 10 and interval(0, 76, "k") == 0
+    assert interval(10.0, 76, "k") == 10  # YAML's 10 is read as a float field's 10.0
+    for bad in (2.5, -1):
+        with pytest.raises(ConfigError, match="train.eval_every"):
+            interval(bad, 76, "train.eval_every")
+    cfg = load_config(ROOT / "configs" / "demo.yaml", ["--train.checkpoint_every", "1.5"])
+    with pytest.raises(ConfigError, match="train.checkpoint_every 1.5"):
+        check_before_ray(cfg, "train")

@@ -2,6 +2,7 @@
 written, and a re-export at the same S3 URI served anew (bco_ray.exports, assets.local_model_dir)."""
 
 import json
+import os
 import threading
 
 import pyarrow.fs as pafs
@@ -26,7 +27,11 @@ def test_a_re_export_replaces_only_its_own_files_and_a_foreign_directory_is_refu
     first = exports.write(model_files(tmp_path / "a", "one", shards=2), str(out), cfg, {"step": 4})
     (out / "run_card.json").write_text("{}")  # what the train stage adds beside the weights
     (out / "notes.txt").write_text("mine")  # a file bco-ray did not write
-    second = exports.write(model_files(tmp_path / "b", "two", shards=1), str(out), cfg, {"step": 8})
+    src = model_files(tmp_path / "b", "two", shards=1)
+    inode = os.stat(os.path.join(src, "model-0.safetensors")).st_ino
+    second = exports.write(src, str(out), cfg, {"step": 8})
+    # moved, not copied: a local export is written once (the local directory is gone)
+    assert (out / "model-0.safetensors").stat().st_ino == inode and not os.path.exists(src)
     names = {p.name for p in out.iterdir()}
     assert names == {"config.json", "model-0.safetensors", exports.MARKER, "notes.txt"}  # shard 1 and the card gone
     assert (out / "config.json").read_text() == json.dumps({"tag": "two"}) and (out / "notes.txt").read_text() == "mine"

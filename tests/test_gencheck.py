@@ -23,10 +23,12 @@ def _prompts(tok) -> list[list[int]]:
                                          tokenize=True, return_dict=False)) for q in QUESTIONS]
 
 
-def _plain_greedy(lm, tok, prompts, max_tokens):
+def _plain_greedy(lm, tok, prompts, max_tokens, inner=None):
+    """Greedy answers of `lm`, or of a module wrapping the LM `inner` (the training policy)."""
     from bco_ray.serve.generate import HFEngine, Sampling
 
-    engine = HFEngine.wrap(lm, tok, torch.device("cpu"))
+    engine = HFEngine.wrap(lm, tok, torch.device("cpu"), config=getattr(inner, "config", None),
+                           generation_config=getattr(inner, "generation_config", None))
     got: list = []
     for _ in engine.generate_iter(prompts, [Sampling(max_tokens=max_tokens, temperature=0.0)] * len(prompts), got):
         pass
@@ -89,6 +91,31 @@ def test_one_process_check_matches_the_plain_engine_and_keeps_training_mode(tiny
     answers = generation_check(policy, lm, tok, torch.device("cpu"), _prompts(tok)[:3], 10, 0, 1)
     assert policy.training  # back to training mode
     assert answers == _plain_greedy(lm.eval(), tok, _prompts(tok)[:3], 10)
+
+
+def test_the_engine_decodes_what_transformers_generate_does_from_the_last_logits_only(tiny_llama):
+    """Batched and left-padded, the engine's greedy tokens are transformers' generate() on each
+    prompt alone (position ids reach the model through the training policy too), and the
+    prefill asks for the last position's logits only (not prompt x vocabulary floats)."""
+    from bco_ray.train.step import PolicyLogps
+
+    lm, tok = tiny_llama
+    lm = lm.eval()
+    prompts = _prompts(tok)
+    shapes: list = []
+    hook = lm.register_forward_hook(lambda m, a, out: shapes.append(tuple(out.logits.shape)))
+    got = _plain_greedy(lm, tok, prompts, 10)
+    via_policy = _plain_greedy(PolicyLogps(lm).eval(), tok, prompts, 10, inner=lm)
+    hook.remove()
+    assert shapes[0] == (len(prompts), 1, lm.config.vocab_size) and len({len(p) for p in prompts}) > 1
+    assert via_policy == got
+    eos = lm.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos])
+    for p, answer in zip(prompts, got, strict=True):
+        out = lm.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long), max_new_tokens=10,
+                          do_sample=False, pad_token_id=tok.pad_token_id or 0)[0, len(p):].tolist()
+        want = out[:next((i for i, t in enumerate(out) if t in eos), len(out))]
+        assert answer["token_ids"] == want, (answer, out)
 
 
 def _answer(ids, finish="stop"):

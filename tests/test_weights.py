@@ -150,3 +150,35 @@ def test_a_checkpoint_goes_out_in_bounded_files_and_comes_back(tiny_llama, tmp_p
         checkpoint.load(str(d), p2, o2, s2, sh2, 0, 1)
         assert all(torch.equal(p.detach(), want[n]) for n, p in p2.named_parameters()), layout
         assert all(torch.equal(o2.state[p]["exp_avg_sq"], m) for p, m in zip(p2.parameters(), moments, strict=True))
+
+
+def test_staged_parts_are_renamed_into_one_checkpoint_tensors_first(tmp_path, monkeypatch):
+    """Local storage: each worker's staged part moves into the checkpoint directory by rename
+    (the same inode: GBs not written twice), safetensors before their rank's JSON and
+    state.json last, so a move cut short never looks complete; staging is removed, and
+    what an earlier attempt left staged is cleared."""
+    import pyarrow.fs as pafs
+
+    from bco_ray.train import checkpoint
+
+    fs, run = pafs.LocalFileSystem(), str(tmp_path / "run")
+    staged = [checkpoint.staging_dir(fs, run) for _ in range(2)]
+    assert all(os.path.dirname(d) == run and os.path.basename(d).startswith(checkpoint.STAGING) for d in staged)
+    inodes = {}
+    for r, d in enumerate(staged):
+        for name in (f"rank{r}-00000.safetensors", f"rank{r}.json") + (("state.json",) if r == 0 else ()):
+            with open(os.path.join(d, name), "w") as f:
+                json.dump({"world": 2}, f)
+            inodes[name] = os.stat(os.path.join(d, name)).st_ino
+    moved, replace = [], os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: (moved.append(os.path.basename(b)), replace(a, b)))
+    dest = os.path.join(run, "checkpoint_000001")
+    for d in reversed(staged):  # rank 1 first: the directory is shared, not owned by rank 0
+        checkpoint.persist(d, fs, dest)
+    assert moved == ["rank1-00000.safetensors", "rank1.json", "rank0-00000.safetensors", "rank0.json", "state.json"]
+    assert {n: os.stat(os.path.join(dest, n)).st_ino for n in os.listdir(dest)} == inodes
+    assert not [d for d in staged if os.path.exists(d)]
+    assert checkpoint.latest_complete(fs, run) == dest
+    left = checkpoint.staging_dir(fs, run)  # a worker killed while writing
+    checkpoint.clear_staging(fs, run)
+    assert not os.path.exists(left) and os.listdir(run) == ["checkpoint_000001"]

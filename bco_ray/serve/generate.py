@@ -8,6 +8,7 @@ one request. No Ray here; `bco_ray.serve.app` calls it from Ray Serve replicas.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -66,6 +67,12 @@ class HFEngine:
         eos = eos if eos is not None else tok.eos_token_id
         self.eos = set(eos if isinstance(eos, list) else [eos])
         self.max_context = int(getattr(config, "max_position_embeddings", 2048) or 2048)
+        # Logits of the last position only: the prompt's would be b x prompt x vocab floats, the
+        # vocabulary head's FLOPs on every prompt token (SmolLM2: a fifth of the model's) and 400 MB
+        # for one 2k-token prompt. Any transformers LM takes the argument; a custom one may not.
+        lm = getattr(model, "module", model)  # DDP
+        lm = getattr(lm, "lm", lm)  # the training policy (bco_ray.train.step.PolicyLogps)
+        self._last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(lm.forward).parameters else {}
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
         return chat_prompt_ids(self.tok, messages)  # content as text, as prepare encodes it
@@ -121,7 +128,7 @@ class HFEngine:
         cache, step_ids = None, ids
         for _ in range(max(p.max_tokens for p in params)):
             res = self.model(input_ids=step_ids, attention_mask=mask, position_ids=position, past_key_values=cache,
-                             use_cache=True)
+                             use_cache=True, **self._last_only)
             cache = res.past_key_values
             chosen = self._sample(res.logits[:, -1].cpu(), params, gens)
             deltas: list[Delta] = []

@@ -324,14 +324,14 @@ def worker_loop(config: dict) -> None:
     # The generation check: the starting model's answers (step 0) are the yardstick, kept in
     # every checkpoint; a resumed run without them (an older checkpoint) skips the check.
     gen_prompts = (check_prompts(data.readers["eval"], tc.gen_check_prompts, order["eval"]["rows"])
-                   if tc.eval_every and tc.gen_check_prompts else [])
+                   if config["eval_every"] and tc.gen_check_prompts else [])
     if gen_prompts and state["step"] == 0:
         with clock("generation check"):
             state["gen_start"] = generation_check(policy, lm, tok, device, gen_prompts, tc.gen_check_max_tokens,
                                                   rank, world)
     if gen_prompts and "gen_start" not in state:
         gen_prompts = []
-    if rank == 0 and tc.eval_every and tc.gen_check_prompts:
+    if rank == 0 and config["eval_every"] and tc.gen_check_prompts:
         say(f"[train] generation check: {len(gen_prompts)} eval-split prompts answered greedily at every eval, "
             f"against step 0" if gen_prompts else "[train] generation check: off (no eval-split prompts, or a "
             "checkpoint from before it)")
@@ -360,13 +360,27 @@ def worker_loop(config: dict) -> None:
     def collapsing() -> bool:
         return bool(tc.early_stop_patience) and state.get("gen_failed_in_row", 0) >= tc.early_stop_patience
 
-    def save_and_report(metrics: dict) -> None:
+    store = ctx.get_storage()
+
+    def persisted(ckpt, name: str):
+        dest = store.build_checkpoint_path_from_name(name)
+        checkpoint.persist(ckpt.path, store.storage_filesystem, dest)
+        return ray.train.Checkpoint(dest, filesystem=store.storage_filesystem)
+
+    if rank == 0:
+        checkpoint.clear_staging(store.storage_filesystem, store.experiment_fs_path)
+
+    def save_and_report(metrics: dict, final: bool = False) -> None:
         # the state saved holds the clock so far: the final checkpoint's own time is the
         # driver's remainder (train/stage.py)
         state["phase_seconds"] = dict(clock.seconds)
-        with clock("checkpoint"), tempfile.TemporaryDirectory() as d:
+        with clock("checkpoint"):
+            d = checkpoint.staging_dir(store.storage_filesystem, store.experiment_fs_path)
             checkpoint.save(d, policy, opt, sched, shift, state, rank, world, tc.strategy)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+            # Mid-run, the move (an S3 upload) overlaps the next steps; the last one the driver reads.
+            mode = ray.train.CheckpointUploadMode.SYNC if final else ray.train.CheckpointUploadMode.ASYNC
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_upload_mode=mode,
+                             checkpoint_upload_fn=persisted, delete_local_checkpoint_after_upload=False)
 
     def export(ev: dict) -> None:
         """Every rank joins the weight gather; rank 0 writes and uploads."""
@@ -406,7 +420,7 @@ def worker_loop(config: dict) -> None:
         if rank == 0 and (step % tc.log_every == 0 or step == total):
             say(_progress(step, total, metrics))
             tracker.log(metrics, step)
-        if tc.eval_every and step % tc.eval_every == 0 and step < total:
+        if config["eval_every"] and step % config["eval_every"] == 0 and step < total:
             mid = run_eval()
             state["eval"].append(mid)
             if rank == 0:
@@ -420,7 +434,7 @@ def worker_loop(config: dict) -> None:
                     say(f"[train] stopping early at step {step} of {total}: the generation check failed "
                         f"{state['gen_failed_in_row']} time(s) in a row (train.early_stop_patience)")
                 break
-        if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step < total:
+        if config["checkpoint_every"] and step % config["checkpoint_every"] == 0 and step < total:
             save_and_report(metrics)
     if ev is None:
         ev = run_eval()
@@ -443,6 +457,6 @@ def worker_loop(config: dict) -> None:
     if torch.distributed.is_initialized():
         torch.distributed.all_gather_object(read, read[rank])
     state["rows_read"] = {split: [r[split] for r in read] for split in order}
-    save_and_report({**metrics, **ev})
+    save_and_report({**metrics, **ev}, final=True)
     if tracker is not None:
         tracker.close()

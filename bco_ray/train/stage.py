@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from bco_ray import console, exports, storage
-from bco_ray.config import Config, redacted, to_dict
+from bco_ray.config import Config, ConfigError, redacted, to_dict
 from bco_ray.errors import UserError
 from bco_ray.train import shards
 from bco_ray.train.batching import chunk_units, interleave_order
@@ -144,7 +144,18 @@ def plan(cfg: Config, counts: dict) -> dict:
         raise ValueError(f"the train split has {counts['train']['units']} units (rows; DPO: pairs), fewer than one "
                          f"global batch of {g} (micro_batch_size x grad_accum x num_workers): lower one of them")
     total = tc.max_steps or max(1, math.ceil(tc.epochs * spe))
-    return {"global_batch_units": g, "steps_per_epoch": spe, "total_steps": total}
+    return {"global_batch_units": g, "steps_per_epoch": spe, "total_steps": total,
+            "eval_every": interval(tc.eval_every, total, "train.eval_every"),
+            "checkpoint_every": interval(tc.checkpoint_every, total, "train.checkpoint_every")}
+
+
+def interval(every: float, total: int, name: str) -> int:
+    """train.eval_every / checkpoint_every in steps: a whole number is steps; below 1 it is that
+    share of the run's steps (0.5: halfway), as in transformers' eval_steps, so a config keeps its
+    overhead share whatever max_steps or epochs a user sets; 0: only at the end."""
+    if every < 0 or (every >= 1 and every != int(every)):
+        raise ConfigError(f"{name} {every:g}: a whole number of steps, a share of the run below 1, or 0")
+    return int(every) if every >= 1 or every == 0 else max(1, round(every * total))
 
 
 def eval_units(cfg: Config, counts: dict) -> int:

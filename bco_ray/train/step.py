@@ -54,7 +54,7 @@ class PolicyLogps(nn.Module):
         if completion_mask is None:
             # A plain LM call (decoding, with its KV cache): through this module, so that the
             # FSDP root's hooks gather the weights it shards (embeddings, norm, head).
-            return self.lm(input_ids=input_ids, attention_mask=attention_mask, **lm_kwargs)
+            return self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **lm_kwargs)
         return completion_logps(self.lm, input_ids, attention_mask, completion_mask,
                                 self.chunk_size, self.fused_head, self.compiled_head, position_ids, seq_ids, n_seqs)
 
