@@ -33,8 +33,10 @@ def _order_key(table: pa.Table, seed: int, pairs: bool) -> pa.Array:
     keys = [p if p is not None else r for p, r in zip(table.column("pair_id").to_pylist(),
                                                         table.column("row_id").to_pylist(), strict=True)]
     h = [int.from_bytes(hashlib.blake2b(f"{seed}:{k}".encode(), digest_size=8).digest(), "big") >> 1 for k in keys]
-    if pairs:  # a pair's two rows share the hash; its lowest bit puts the chosen row first
-        h = [(x & ~1) | (0 if lab else 1) for x, lab in zip(h, table.column("label").to_pylist(), strict=True)]
+    # A pair's two rows share the hash; its lowest bit puts the chosen row first, so that no two
+    # rows tie (Ray Data's distributed sort, unlike the driver's, does not keep ties in order).
+    h = [(x & ~1) | (0 if lab else 1) if (pairs or p is not None) else x
+         for x, lab, p in zip(h, table.column("label").to_pylist(), table.column("pair_id").to_pylist(), strict=True)]
     return pa.array(h, pa.int64())
 
 
