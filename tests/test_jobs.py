@@ -66,13 +66,23 @@ def head():
     proc.wait(timeout=60)
 
 
-def test_align_job_fails_in_train_and_the_resubmitted_job_resumes_without_redoing_stages(head, tmp_path):
+def test_a_prepare_job_then_an_align_job_that_fails_in_train_and_resumes_without_redoing_stages(head, tmp_path):
     url, env = head
     run_dir = tmp_path / "run"
     port = free_port()
     # UDM and the eval stage off: what this test is about is the job's failure and resume; both
     # run on this config in the two-node test and in the CI demo (about 60 s of CI here).
     args = [*job_args(run_dir, port), "--udm.enabled", "false", "--eval.enabled", "false"]
+    # 0. What cluster/kuberay/rayjob-70b-prepare.yaml runs first (jobs/align.py with
+    # run.stop_after prepare): assets and prepare, nothing that needs a GPU; the manifest it
+    # leaves in run_dir is what lets the next (GPU) job skip prepare.
+    prep = subprocess.run([str(BIN / "bco-ray"), "submit", "--address", url, *args, "--run.stop_after", "prepare"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert prep.returncode == 0, prep.stdout[-3000:]
+    saved = json.loads((run_dir / "manifest.json").read_text())
+    assert list(saved["stages"]) == ["assets", "prepare"] and saved["stages"]["prepare"]["kept"] > 0
+    assert (run_dir / "prepared" / "manifest.json").exists() and not (run_dir / "scored").exists()
+
     # 1. bco-ray submit, with a fault drill: a worker dies at step 3, no retries: the job fails.
     first = subprocess.run([str(BIN / "bco-ray"), "submit", "--address", url, "--env", "BCO_RAY_FAULT_DRILL_STEP=3",
                             *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
@@ -80,6 +90,7 @@ def test_align_job_fails_in_train_and_the_resubmitted_job_resumes_without_redoin
     assert "submitted job" in first.stdout and "FAILED" in first.stdout
     done = json.loads((run_dir / "manifest.json").read_text())["stages"]
     assert {"prepare", "score-ref"} <= done.keys() and "train" not in done
+    assert done["prepare"]["skipped"] and not done["score-ref"].get("skipped")  # the prepare job's output
 
     # 2. The same job through plain `ray job submit`: prepare and score-ref are skipped,
     # training resumes from its step-2 checkpoint and the job ends by answering over HTTP.
@@ -185,17 +196,3 @@ def test_align_on_two_nodes_with_the_demo_config_leaks_no_secret_and_a_rerun_ski
     assert len(files) > 50 and any("mlruns" in f.parts for f in files), len(files)
     leaks = [(str(f), s) for f in files for s in secrets if s.encode() in f.read_bytes()]
     assert not leaks, leaks
-
-
-def test_the_cpu_only_prepare_job_stops_after_prepare(tmp_path):
-    """What cluster/kuberay/rayjob-70b-prepare.yaml runs (jobs/align.py with
-    run.stop_after prepare): assets and prepare, nothing that needs a GPU; the manifest it
-    leaves in run_dir is what lets the GPU job skip prepare."""
-    run_dir = tmp_path / "run"
-    p = subprocess.run([sys.executable, "jobs/align.py", "--config", "configs/demo.yaml", "--model.policy", "tiny-llama",
-                        "--udm.enabled", "false", "--run.run_dir", str(run_dir), "--run.stop_after", "prepare"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-3000:]
-    saved = json.loads((run_dir / "manifest.json").read_text())
-    assert list(saved["stages"]) == ["assets", "prepare"] and saved["stages"]["prepare"]["kept"] > 0
-    assert (run_dir / "prepared" / "manifest.json").exists() and not (run_dir / "scored").exists()
