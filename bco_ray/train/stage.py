@@ -29,14 +29,16 @@ TRAIN_COLUMNS = ["row_id", "label", "input_ids", "completion_mask", "ref_logps",
 KL_COLUMNS = ["kl_input_ids", "kl_completion_mask", "kl_ref_logps"]
 
 
-def _order_key(table: pa.Table, seed: int, pairs: bool) -> pa.Array:
-    keys = [p if p is not None else r for p, r in zip(table.column("pair_id").to_pylist(),
-                                                        table.column("row_id").to_pylist(), strict=True)]
-    h = [int.from_bytes(hashlib.blake2b(f"{seed}:{k}".encode(), digest_size=8).digest(), "big") >> 1 for k in keys]
-    # A pair's two rows share the hash; its lowest bit puts the chosen row first, so that no two
-    # rows tie (Ray Data's distributed sort, unlike the driver's, does not keep ties in order).
-    h = [(x & ~1) | (0 if lab else 1) if (pairs or p is not None) else x
-         for x, lab, p in zip(h, table.column("label").to_pylist(), table.column("pair_id").to_pylist(), strict=True)]
+def _order_key(table: pa.Table, seed: int) -> pa.Array:
+    pair_ids, labels = table.column("pair_id").to_pylist(), table.column("label").to_pylist()
+    h = []
+    for p, r, lab in zip(pair_ids, table.column("row_id").to_pylist(), labels, strict=True):
+        x = int.from_bytes(hashlib.blake2b(f"{seed}:{p if p is not None else r}".encode(), digest_size=8).digest(),
+                           "big") >> 1
+        # A pair's two rows share the hash; its lowest bit puts the chosen row first, so that no
+        # two rows tie (Ray Data's distributed sort, unlike the driver's, does not keep ties in
+        # order). DPO's splits hold complete pairs only, so every row of theirs takes this path.
+        h.append((x & ~1) | (0 if lab else 1) if p is not None else x)
     return pa.array(h, pa.int64())
 
 
@@ -46,7 +48,7 @@ def _split(table: pa.Table, split: str, columns: list[str], seed: int, pairs: se
     if pairs is not None:
         keep = pc.and_(keep, pc.is_in(table.column("pair_id"), pa.array(sorted(pairs), pa.string())))
     table = table.filter(keep).select(columns)
-    return table.append_column("_order", _order_key(table, seed, pairs is not None))
+    return table.append_column("_order", _order_key(table, seed))
 
 
 def _interleave(table: pa.Table) -> pa.Table:
