@@ -4,6 +4,7 @@ with its eval curve (the train stage's) and the judged quality and KL at checkpo
     python bench/convergence.py --out runs/bench-convergence             # ~2 epochs, one seed: ~40 min on 2 CPUs
     python bench/convergence.py --epochs 2 --every 6 --seed 1 --out /tmp/conv
     python bench/convergence.py --toy --out /tmp/conv-toy                # CI size: tiny model, a minute
+    python bench/convergence.py --data-from runs/bench-alignment         # on the powered run's own log
 
 The powered run (bench/alignment.py) trains 12 steps, a third of an epoch of its log: this
 asks whether that budget sits before, at or past the point where judged quality stops rising
@@ -54,6 +55,9 @@ def main() -> None:
                     help="epochs of the log's train split, rounded down to a checkpoint (a multiple of --every)")
     ap.add_argument("--every", type=int, default=12, help="steps between checkpoints (each judged) and train evals")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--data-from", default=None,
+                    help="an alignment benchmark's --out (same size): train on its balanced log's prepared and "
+                         "scored data instead of sampling, preparing and scoring the same recipe again")
     args = ap.parse_args()
     size = dict(ab.TOY if args.toy else ab.FULL)
     size["dtype"] = ab.resolve_dtype(size["dtype"])
@@ -75,18 +79,24 @@ def main() -> None:
     judge = ab.Judge(texts, labels, seed=0, limit=size["judge_sentences"])
     log_prompts, heldout = ab.prompts(size)
     policy_dir = str(resolve_model(size["policy"]))
-    engine = HFEngine(policy_dir, size["dtype"], device="cpu")
-    samples = ab.sample(engine, [p for _, p in log_prompts], size["k"], size["max_tokens"], seed=0)
-    p = judge.p_positive([o.text for _, o in samples])
-    genre_of = {t: g for g, t in log_prompts}
-    rows = [{"id": f"req-{i:05d}", "ts": 1_763_600_000 + i, "prompt": log_prompts[i // size["k"]][1],
-             "completion": o.text, "up": bool(pp > 0.5), "genre": genre_of[log_prompts[i // size["k"]][1]]}
-            for i, ((_, o), pp) in enumerate(zip(samples, p, strict=True)) if o.text.strip()]
-    ab.write_logs(out / "logs", rows, seed=0)
-    print(f"[convergence] log: {len(rows)} judged reference answers ({time.time() - t0:.0f}s)", flush=True)
-
     overrides = ab.base_overrides(argparse.Namespace(), size)
-    data = ab.prepare_and_score(out / "logs" / "balanced", out / "data", overrides)
+    if args.data_from:  # the same recipe's log, already prepared and scored by bench/alignment.py
+        done = json.loads((Path(args.data_from) / "results.json").read_text())["meta"]
+        if done["size"]["policy"] != size["policy"]:
+            sys.exit(f"--data-from {args.data_from} was run at another size ({done['size']['policy']})")
+        data = {"prepare": done["data"]["balanced"]["prepare"],
+                "scored": str(Path(args.data_from).resolve() / "data" / "balanced" / "scored")}
+    else:
+        engine = HFEngine(policy_dir, size["dtype"], device="cpu")
+        samples = ab.sample(engine, [p for _, p in log_prompts], size["k"], size["max_tokens"], seed=0)
+        p = judge.p_positive([o.text for _, o in samples])
+        genre_of = {t: g for g, t in log_prompts}
+        rows = [{"id": f"req-{i:05d}", "ts": 1_763_600_000 + i, "prompt": log_prompts[i // size["k"]][1],
+                 "completion": o.text, "up": bool(pp > 0.5), "genre": genre_of[log_prompts[i // size["k"]][1]]}
+                for i, ((_, o), pp) in enumerate(zip(samples, p, strict=True)) if o.text.strip()]
+        ab.write_logs(out / "logs", rows, seed=0)
+        print(f"[convergence] log: {len(rows)} judged reference answers ({time.time() - t0:.0f}s)", flush=True)
+        data = ab.prepare_and_score(out / "logs" / "balanced", out / "data", overrides)
     train_rows = sum(v for k, v in data["prepare"]["kept_by_split_label"].items() if k.startswith("train"))
     batch = 2 * 2 * size["accum"]  # the powered run's global batch: 2 workers x micro-batch 2 x accum
     steps = int(round(args.epochs * train_rows / batch))

@@ -6,6 +6,7 @@ and test_train trains on two workers (DPO on the pairs `prepare` keeps, as the b
 paired rows are); the BCO variants without UDM or with delta = 0 differ by one objective flag,
 each tested numerically in test_trainstep; the shifted log is the same pipeline on other rows
 (and test_ingest checks UDM on a shifted log). Each variant left out saves CI about 25 s.
+bench/convergence.py runs on the same run's log (its --data-from), as a user would after it.
 
 The full-size figures come from `python bench/alignment.py` (docs/alignment-benchmark.md)."""
 
@@ -24,7 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SUBSET = ["BCO + UDM", "TRL 1.13 BCOTrainer"]
 
 
-def test_toy_alignment_benchmark_runs_its_variants(ray_local, tmp_path, monkeypatch):
+def test_toy_alignment_benchmark_runs_its_variants_and_the_convergence_curve_on_its_log(ray_local, tmp_path,
+                                                                                    monkeypatch):
     spec = importlib.util.spec_from_file_location("bench_alignment", ROOT / "bench" / "alignment.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
@@ -97,19 +99,22 @@ def test_toy_alignment_benchmark_runs_its_variants(ray_local, tmp_path, monkeypa
     assert json.loads((out / "results.json").read_text())["contrasts"] == again["contrasts"]
     assert (out / "results.md").read_text().startswith("| variant |")
 
-
-def test_toy_convergence_curve_judges_every_checkpoint(ray_local, tmp_path, monkeypatch):
-    """bench/convergence.py at toy size: one run checkpointed every 2 steps, every checkpoint's
-    weights judged against step 0 on the same paired answers, beside the train stage's eval curve."""
+    # bench/convergence.py on this run's balanced log (--data-from: not sampled, prepared and
+    # scored again, ~1 min of CI): one run checkpointed every 2 steps, every checkpoint's weights
+    # judged against step 0 on the same paired answers, beside the train stage's eval curve.
     sys.path.insert(0, str(ROOT / "bench"))
     spec = importlib.util.spec_from_file_location("bench_convergence", ROOT / "bench" / "convergence.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    out = tmp_path / "conv"
-    monkeypatch.setattr(sys, "argv", ["convergence.py", "--toy", "--out", str(out), "--epochs", "0.5", "--every", "2"])
-    bench.main()
+    conv = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conv)
+    curve_out = tmp_path / "conv"
+    monkeypatch.setattr(sys, "argv", ["convergence.py", "--toy", "--out", str(curve_out), "--epochs", "0.5",
+                                      "--every", "2", "--data-from", str(out)])
+    conv.main()
 
-    res = json.loads((out / "curve.json").read_text())
+    res = json.loads((curve_out / "curve.json").read_text())
+    train_rows = sum(n for k, n in meta["data"]["balanced"]["prepare"]["kept_by_split_label"].items()
+                     if k.startswith("train/"))
+    assert res["train_rows"] == train_rows  # the alignment run's split, not a new log's
     steps = [c["step"] for c in res["curve"]]
     assert steps == list(range(0, res["steps"] + 1, 2)) and res["steps"] >= 4, steps
     first, *trained = res["curve"]
@@ -117,5 +122,6 @@ def test_toy_convergence_curve_judges_every_checkpoint(ray_local, tmp_path, monk
     assert all(c["kl"] != 0.0 and c["eval/loss"] is not None for c in trained)  # each point is its own weights
     assert all(c["vs_reference"][1][0] <= c["vs_reference"][0] <= c["vs_reference"][1][1] for c in trained)
     assert [c["epoch"] for c in trained] == sorted(c["epoch"] for c in trained)
-    assert "| step | epoch |" in (out / "curve.md").read_text()
-    assert not list(out.rglob("rank0-*.safetensors"))  # the checkpoints (GBs at full size) are removed
+    assert "| step | epoch |" in (curve_out / "curve.md").read_text()
+    assert not list(curve_out.rglob("rank0-*.safetensors"))  # the checkpoints (GBs at full size) are removed
+    assert not (curve_out / "logs").exists()

@@ -25,10 +25,11 @@ def job_args(run_dir, serve_port):
             "--train.eval_every", "0", "--train.max_failures", "0", "--serve.port", str(serve_port)]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def head():
     """A Ray head on 127.0.0.1 in its own process group (stopped by signal, not `ray stop`,
-    which would stop every Ray cluster of this user, the test session's included)."""
+    which would stop every Ray cluster of this user, the test session's included). One test's
+    only: its dashboard's processes, idle, cost CI ~0.2 cores while it is up."""
     dash = free_port()
     temp = f"/tmp/bch-{os.getpid()}"
     # Token auth on (Ray's default): the head, `bco-ray submit` and `ray job submit` all
@@ -117,7 +118,9 @@ TWO_NODES = r"""
 import json, os, sys
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 from ray.cluster_utils import Cluster
-cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+# No dashboard: nothing here uses it (a local cluster of bco-ray starts none either), and its
+# processes cost CI ~20 s of CPU.
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
 cluster.add_node(num_cpus=1)
 import ray
 ray.init(address=cluster.address)
@@ -128,9 +131,10 @@ first = align(cfg)
 card = json.load(open(os.path.join(cfg.run.run_dir, "model", "run_card.json")))
 print("RESULT " + json.dumps({"nodes": [n["NodeID"] for n in ray.nodes() if n["Alive"]],
                               "workers": card["worker_nodes"], "steps": card["steps"]}))
-again = align(cfg)  # nothing changed: every stage but serve is skipped
-print("AGAIN " + json.dumps({"skipped": [s for s, v in again["stages"].items() if v.get("skipped")],
-                             "same_answer": again["stages"]["serve"]["answer"] == first["stages"]["serve"]["answer"]}))
+# Nothing changed: every stage is skipped. It stops before serve, whose start (every replica a
+# new process: ~40 s of CI) the first run and the CI demo already test.
+again = align(load_config(sys.argv[2], [*sys.argv[3:], "--run.stop_after", "eval"]))
+print("AGAIN " + json.dumps({"skipped": [s for s, v in again["stages"].items() if v.get("skipped")]}))
 ray.shutdown()
 cluster.shutdown()
 """
@@ -140,7 +144,7 @@ def test_align_on_two_nodes_with_the_demo_config_leaks_no_secret_and_a_rerun_ski
     """The main job (`align`, the demo config: UDM and the eval gate on) on a 2-node cluster
     with a training worker on each node, from a relative run_dir (workers have other working
     dirs); secrets set through config and environment reach no artefact; a rerun skips every
-    unchanged stage and still ends with the same served answer. One test, one cluster: each
+    unchanged stage. One test, one cluster: each
     full pipeline costs CI about 2 minutes of fixed costs (process starts, imports)."""
     import pyarrow.parquet as pq
 
@@ -151,7 +155,8 @@ def test_align_on_two_nodes_with_the_demo_config_leaks_no_secret_and_a_rerun_ski
            "AWS_ACCESS_KEY_ID": secrets[0], "AWS_SECRET_ACCESS_KEY": secrets[1]}
     run_dir = tmp_path / "run"
     args = ["--run.run_dir", "run", "--model.policy", "tiny-llama", "--ingest.input", str(ROOT / "data" / "demo_feedback"),
-            "--udm.enabled", "true", "--udm.sample_size", "256", "--train.max_steps", "4",  # UDM: off by default "--train.checkpoint_every", "2",
+            "--udm.enabled", "true", "--udm.sample_size", "256",  # UDM: off by default
+            "--train.max_steps", "4", "--train.checkpoint_every", "2",
             "--train.eval_every", "0", "--train.max_failures", "0", "--serve.port", str(free_port()),
             "--storage.access_key_id", secrets[0], "--storage.secret_access_key", secrets[1],
             "--serve.api_keys", f"[{secrets[2]}]",
@@ -167,7 +172,7 @@ def test_align_on_two_nodes_with_the_demo_config_leaks_no_secret_and_a_rerun_ski
     r = lines["RESULT"]
     assert len(set(r["nodes"])) == 2 and set(r["workers"]) == set(r["nodes"])  # one worker per node
     assert r["steps"] == 4
-    assert set(lines["AGAIN"]["skipped"]) >= {"prepare", "score-ref", "train", "eval"} and lines["AGAIN"]["same_answer"]
+    assert set(lines["AGAIN"]["skipped"]) >= {"prepare", "score-ref", "train", "eval"}, lines["AGAIN"]
 
     saved = json.loads((run_dir / "manifest.json").read_text())
     assert saved["stages"]["assets"]["policy"]["path"].endswith("tiny-llama")

@@ -181,12 +181,16 @@ def test_two_days_two_runs_with_a_canary_between_and_nothing_new_after(ray_local
             served_by[by[u]] += 1
         # Thumbs: up on 70 % of the candidate's answers and 40 % of the base model's.
         sent = Counter()
+        thumbs_up = {}
         for n, u in enumerate(users):
             role = "candidate" if by[u] == fp["candidate"] else "promoted"
-            up = (n % 10) < (7 if role == "candidate" else 4)
-            st, body = _post(f"{url}/feedback", {"id": answers[u][1]["id"], "label": up}, u)
+            thumbs_up[u] = (n % 10) < (7 if role == "candidate" else 4)
+            sent[(role, thumbs_up[u])] += 1
+        with ThreadPoolExecutor(8) as pool:  # as users send them: at once, not one by one
+            acks = list(pool.map(lambda u: _post(f"{url}/feedback", {"id": answers[u][1]["id"], "label": thumbs_up[u]}, u),
+                                 users))
+        for st, body in acks:
             assert st == 200 and body["joined"], body
-            sent[(role, up)] += 1
         # Every served answer and every thumb carries the version that answered.
         version_of_id = {b["id"]: b["system_fingerprint"] for _, b in answers.values()}
         served = [r for f in sorted((served_log / "_served").rglob("*.parquet"))
