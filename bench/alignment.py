@@ -478,7 +478,7 @@ def main() -> None:
     size.update({k: v for k, v in (("seeds", args.seeds), ("steps", args.steps), ("lr", args.lr),
                                    ("dtype", args.dtype)) if v})
     size["dtype"] = resolve_dtype(size["dtype"])
-    variants = [v.strip() for v in args.variants.split(",")] if args.variants else list(VARIANTS)
+    variants = parse_variants(args.variants) if args.variants else list(VARIANTS)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     if args.from_partial:
@@ -562,6 +562,18 @@ def main() -> None:
 
     meta["wall_seconds"] = round(time.time() - t0, 1)
     write_results(out, meta, results)
+
+
+def parse_variants(text: str) -> list[str]:
+    """Comma-separated names, where a name may hold a comma itself ("BCO, delta = 0")."""
+    parts, names, i = [p.strip() for p in text.split(",")], [], 0
+    while i < len(parts):
+        j = next((j for j in range(len(parts), i, -1) if ", ".join(parts[i:j]) in VARIANTS), None)
+        if j is None:
+            raise SystemExit(f"unknown variant {parts[i]!r}; known: {'; '.join(VARIANTS)}")
+        names.append(", ".join(parts[i:j]))
+        i = j
+    return names
 
 
 def write_results(out: Path, meta: dict, results: list[dict], partial: bool = False) -> None:
