@@ -144,8 +144,8 @@ def test_align_on_two_nodes_with_the_demo_config_leaks_no_secret_and_a_rerun_ski
     """The main job (`align`, the demo config: UDM and the eval gate on) on a 2-node cluster
     with a training worker on each node, from a relative run_dir (workers have other working
     dirs); secrets set through config and environment reach no artefact; a rerun skips every
-    unchanged stage. One test, one cluster: each
-    full pipeline costs CI about 2 minutes of fixed costs (process starts, imports)."""
+    unchanged stage. One test, one cluster: each full pipeline costs CI about 2 minutes of
+    fixed costs (process starts, imports)."""
     import pyarrow.parquet as pq
 
     secrets = ["AKIAFAKEKEYID0001", "fake/secret+access+key0002", "fake-api-key-0003", "fake-env-api-key-0004"]
