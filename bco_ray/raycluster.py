@@ -32,6 +32,18 @@ def quiet_worker_loggers() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def torch_threads(cpus: float) -> int:
+    """Torch threads for a task holding `cpus` CPUs: its whole CPUs (at least one), capped by
+    OMP_NUM_THREADS where it is set. Ray sets that variable to a worker's whole CPUs unless
+    the cluster's environment already holds one, so the cap only bites where someone chose
+    fewer threads for the cluster. That choice matters where processes share cores: an
+    OpenMP team of 2 on 2 busy cores stalls on every small op (an eval pass beside two busy
+    processes took 60 CPU-s with 2 threads, 30 with 1, and 30 % less wall: docs/benchmarks.md)."""
+    n = max(1, int(cpus))
+    cap = os.environ.get("OMP_NUM_THREADS", "")
+    return min(n, int(cap)) if cap.isdigit() and int(cap) > 0 else n
+
+
 _LOCAL_SESSION: str | None = None  # the session dir of the local cluster this process started
 
 

@@ -19,6 +19,11 @@ fi
 # Both lanes start Ray with token auth (the default): on a fresh machine each would write its
 # own ~/.ray/auth_token. One token first, the way a user makes one.
 [ -f "$HOME/.ray/auth_token" ] || ray get-auth-token --generate > /dev/null
+# One torch thread per process while the lanes share the 2 cores (every stage takes the cap,
+# bco_ray.raycluster.torch_threads; Ray's workers inherit it): an OpenMP team of 2 on 2 busy
+# cores stalls on every small op and spends CPU waiting for its partner. An in-process eval
+# beside two busy processes: 72 s wall / 60 CPU-s with 2 threads, 50 s / 30 CPU-s with 1.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 # Lane B holds the fixtures; lane A the job, loop, chaos and ingest files, which build their
 # own data (2026-12-05, with the loop's test: lane A 1,525 s, lane B 1,489 s before the
 # placement and assets files moved back to lane B).

@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from bco_ray.raycluster import torch_threads
+
 
 @dataclass
 class UDMClassifier:
@@ -143,7 +145,7 @@ class PromptEmbedder:
 
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.device.type == "cpu" and threads is not None:
-            torch.set_num_threads(threads)
+            torch.set_num_threads(torch_threads(threads))
         self.tok = AutoTokenizer.from_pretrained(model_dir)
         self.dtype = embed_dtype(dtype, self.device)
         self.model = AutoModel.from_pretrained(model_dir, use_safetensors=True).eval().to(self.device, self.dtype)

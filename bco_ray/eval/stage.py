@@ -30,6 +30,7 @@ from bco_ray import console, storage
 from bco_ray.config import Config, from_dict, to_dict
 from bco_ray.errors import UserError
 from bco_ray.eval import quality
+from bco_ray.raycluster import torch_threads
 
 SIDE_BY_SIDE = 8  # prompts whose answers the report shows in full
 
@@ -247,7 +248,7 @@ def _task(cfg_dict: dict, prompts: list[dict], num_threads: int) -> dict:
     from bco_ray.assets import local_model_dir, resolve_model
 
     cfg = from_dict(cfg_dict)
-    torch.set_num_threads(num_threads)
+    torch.set_num_threads(torch_threads(num_threads))
     cand = local_model_dir(candidate_uri(cfg), cfg)
     ref = str(resolve_model(cfg.model.reference or cfg.model.policy, cfg.model.cache_dir))
     emb = str(resolve_model(cfg.model.embedder, cfg.model.cache_dir)) if cfg.eval.judge == "feedback" else None

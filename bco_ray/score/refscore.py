@@ -172,8 +172,9 @@ class HFScorer:
         import torch
 
         from bco_ray.assets import load_causal_lm
+        from bco_ray.raycluster import torch_threads
 
-        torch.set_num_threads(max(1, num_threads))  # one actor per core; oversubscription is slower
+        torch.set_num_threads(torch_threads(num_threads))  # one actor per core; oversubscription is slower
         if torch.cuda.device_count() > 1:  # the actor's GPUs (score.num_gpus_per_actor): layers spread over them
             from transformers import AutoModelForCausalLM, AutoTokenizer
 

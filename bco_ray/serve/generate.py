@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from bco_ray.data.tokenization import chat_prompt_ids
+from bco_ray.raycluster import torch_threads
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ class HFEngine:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if num_threads:
-            torch.set_num_threads(num_threads)
+            torch.set_num_threads(torch_threads(num_threads))
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype), use_safetensors=True,
                                                      trust_remote_code=trust_remote_code).to(device).eval()

@@ -21,6 +21,7 @@ import time
 import torch
 
 from bco_ray.config import Config, from_dict
+from bco_ray.raycluster import torch_threads
 from bco_ray.train import checkpoint, weights
 from bco_ray.train.batching import rank_micro_batches
 from bco_ray.train.gencheck import gen_line, generation_check, generation_verdict
@@ -264,7 +265,7 @@ def worker_loop(config: dict) -> None:
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.run.seed + rank)
     if device.type == "cpu":
-        torch.set_num_threads(max(1, int(tc.cpus_per_worker)))
+        torch.set_num_threads(torch_threads(tc.cpus_per_worker))
 
     policy, lm, tok, autocast = build_policy(cfg, device, world)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
