@@ -25,15 +25,16 @@ fi
 # beside two busy processes: 72 s wall / 60 CPU-s with 2 threads, 50 s / 30 CPU-s with 1.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 # Lane B holds the fixtures; lane A the job, loop, chaos and ingest files, which build their
-# own data (2026-12-07, one thread per process: lane A 955 s, lane B 865 s; then 934 / 844 s
-# with the feedback-log and UDM files in lane B, before the vLLM-serve file (~60 s) joined them).
+# own data (2026-12-07, one thread per process: lane A 955 s, lane B 865 s; 934 / 844 s with
+# the feedback-log and UDM files in lane B; 855 / 917 s with the vLLM-serve file there too).
 lane_a=(tests/test_jobs.py tests/test_bench_alignment.py tests/test_serve_chaos.py tests/test_ingest.py
         tests/test_loop.py)
 ignore=(); for f in "${lane_a[@]}"; do ignore+=("--ignore=$f"); done
 t0=$(date +%s)
-# The slowest tests are printed so that the 40-minute CI budget can be kept in view. On a
-# 2-core AVX2-only EPYC the lanes are CPU-bound: fewer Ray processes and Train runs brought
-# them from 2,486 s to 1,542 / 1,578 s (CI 2,229 s in all, 2026-12-07): docs/benchmarks.md.
+# The slowest tests are printed so that the 40-minute CI budget can be kept in view. The lanes
+# are CPU-bound (cores 95 % busy): one thread per process and fewer Train runs brought them
+# from 1,172 / 1,217 s to 855 / 917 s on a 2-core Xeon (CI 1,668 -> 1,271 s in all; CI's own
+# machine was 1.64x slower on the last landing, 2026-12-07): docs/benchmarks.md.
 (python -m pytest --basetemp="$base/a" --durations=30 "${lane_a[@]}" 2>&1 | sed -u 's/^/[lane A] /') &
 a=$!
 (python -m pytest --basetemp="$base/b" --durations=30 "${ignore[@]}" 2>&1 | sed -u 's/^/[lane B] /') &
