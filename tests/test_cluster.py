@@ -149,3 +149,19 @@ def test_the_70b_jobs_hold_gpus_only_after_prepare_and_size_every_stage_to_the_g
 
     row = next(r for r in plan() if r["model"] == "70B" and r["gpus"] == total)
     assert row["fits_80gb"] and cfg.train.meta_init and not cfg.train.cpu_offload
+
+
+def test_torch_threads_are_the_reserved_whole_cpus_capped_by_omp_num_threads(monkeypatch):
+    """What every stage passes to torch.set_num_threads (docs/operations.md): its whole CPUs,
+    at least one, never more than an OMP_NUM_THREADS set in the cluster's environment."""
+    from bco_ray.raycluster import torch_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert [torch_threads(c) for c in (0.25, 0.5, 1, 2, 2.5, 16)] == [1, 1, 1, 2, 2, 16]
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # what scripts/test.sh sets for its two lanes
+    assert [torch_threads(c) for c in (0.5, 2, 16)] == [1, 1, 1]
+    monkeypatch.setenv("OMP_NUM_THREADS", "8")
+    assert [torch_threads(c) for c in (2, 16)] == [2, 8]
+    for junk in ("", "0", "auto"):  # not a thread count: no cap
+        monkeypatch.setenv("OMP_NUM_THREADS", junk)
+        assert torch_threads(4) == 4
