@@ -141,8 +141,8 @@ def test_a_cut_run_resumes_on_another_number_of_workers_and_ends_like_the_uninte
     global batch of 8 rows): each worker reads its rows of every tensor from the old workers'
     files, no row of steps 1-2 is read again, and the run ends as the uninterrupted 2-worker
     run does, within the rounding that separates 1 worker from 2
-    (test_two_fsdp_workers_equal_one_process_and_...). A resume on the same number of workers is
-    exact: test_a_killed_worker_is_replaced (1e-5). One cut run serves both checks: each
+    (test_two_fsdp_workers_equal_one_process_and_a_one_worker_checkpoint_resumes_on_two). A
+    resume on the same number of workers is exact: test_a_killed_worker_is_replaced (1e-5). One cut run serves both checks: each
     costs CI about 30 s of Ray Train start and stop."""
     marker = str(tmp_path / "killed")
     with pytest.raises(Exception):  # noqa: B017 - Ray's error type for a dead worker group varies
