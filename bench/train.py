@@ -96,7 +96,7 @@ def run_ours(args, gc: bool) -> dict:
     if args.compile:
         for layer in model.get_decoder().layers:
             layer.compile()
-    opt = torch.optim.AdamW(policy.parameters(), lr=5e-7, fused=dev.type == "cuda")
+    opt = torch.optim.AdamW(policy.parameters(), lr=5e-7, fused=dev.type in ("cuda", "cpu"))  # as the train stage
     shift = RewardShift()
     autocast = torch.bfloat16 if args.bf16 else None
     examples = [{"input_ids": x, "completion_mask": m, "label": r["label"], "ref_logps": float(lp)}

@@ -11,8 +11,8 @@ import torch.multiprocessing as mp
 from distributed import gloo_group
 
 from bco_ray.assets import load_causal_lm
-from bco_ray.config import ObjectiveConfig
-from bco_ray.train.loop import count_skips
+from bco_ray.config import ObjectiveConfig, TrainConfig
+from bco_ray.train.loop import count_skips, optimizer
 from bco_ray.train.objectives import RewardShift, bco_loss
 from bco_ray.train.step import PolicyLogps, collate, train_step
 
@@ -239,9 +239,10 @@ def test_kto_with_an_empty_rank_does_not_hang():
 # ---------------------------------------------------------------------------- non-finite steps
 
 def _adam_run(batches_per_step, hook_step=None):
-    """AdamW + a constant-lr scheduler over the given steps; at `hook_step` one gradient is inf."""
+    """The train stage's AdamW (fused on CPU) + a constant-lr scheduler over the given steps; at
+    `hook_step` one gradient is inf."""
     policy = fresh_policy()
-    opt = torch.optim.AdamW(policy.parameters(), lr=1e-3)
+    opt = optimizer(policy, TrainConfig(lr=1e-3, weight_decay=0.01), torch.device("cpu"))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     shift, ms = RewardShift(), []
     first = next(policy.parameters())
@@ -251,6 +252,28 @@ def _adam_run(batches_per_step, hook_step=None):
         if handle:
             handle.remove()
     return policy, opt, sched, shift, ms
+
+
+def test_the_fused_cpu_optimizer_steps_as_torchs_reference_adamw():
+    """The train stage fuses AdamW on CPUs (a tenth of a demo step faster): the same update as
+    torch's per-tensor AdamW, to fp32 rounding, with the stage's betas and weight decay."""
+    tc = TrainConfig(lr=1e-3, weight_decay=0.01)
+    runs = []
+    for fused in (True, False):
+        policy = fresh_policy()
+        opt = optimizer(policy, tc, torch.device("cpu"))
+        if not fused:
+            opt = torch.optim.AdamW(policy.parameters(), lr=tc.lr, betas=tuple(tc.adam_betas),
+                                    weight_decay=tc.weight_decay, foreach=False)
+        assert opt.defaults["fused"] is (True if fused else None)
+        before = params(policy).clone()
+        ex = examples()
+        for _ in range(3):
+            train_step(policy, opt, [collate(ex, 0)], RewardShift(), ObjectiveConfig(), max_grad_norm=1.0)
+        runs.append(params(policy) - before)
+    moved, reference = runs
+    assert reference.abs().max() > 1e-4  # three steps of lr 1e-3 moved the weights
+    assert torch.allclose(moved, reference, atol=1e-6, rtol=1e-4)
 
 
 def _nan_ref(mb, row=0):

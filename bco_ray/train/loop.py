@@ -117,6 +117,17 @@ def get_peft_model(lm, config):
     return wrap(lm, config)
 
 
+def optimizer(policy: torch.nn.Module, tc, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters, fused on GPUs and on CPUs alike.
+
+    On CPUs torch's default is a loop over the tensors: 0.36 s of a 2.3 s demo step against
+    0.09 s fused (torch >= 2.4; HF's Trainer, and so TRL, picks the fused kernel by default).
+    Not with GPU offload (train.cpu_offload), whose host-side step is not tested here."""
+    fused = device.type == "cpu" or (device.type == "cuda" and not tc.cpu_offload)
+    return torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=tc.lr,
+                             betas=tuple(tc.adam_betas), weight_decay=tc.weight_decay, fused=fused)
+
+
 def lr_lambda(tc, total_steps: int):
     warmup = int(round(tc.warmup_ratio * total_steps))
 
@@ -269,8 +280,7 @@ def worker_loop(config: dict) -> None:
 
     policy, lm, tok, autocast = build_policy(cfg, device, world)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=tc.lr, betas=tuple(tc.adam_betas), weight_decay=tc.weight_decay,
-                            fused=device.type == "cuda" and not tc.cpu_offload)
+    opt = optimizer(policy, tc, device)
     total = config["total_steps"]
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tc, total))
     shift = RewardShift("pooled" if obj.delta_mode == "pooled" else "balanced", obj.delta_decay)
