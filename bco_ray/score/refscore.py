@@ -167,7 +167,7 @@ class HFScorer:
     """Ray Data actor: a transformers reference model (safetensors only)."""
 
     def __init__(self, model: str, dtype: str, cache_dir: str | None, batch_tokens: int, chunk_size: int,
-                 kl: bool, max_length: int, trust_remote_code: bool = False, num_threads: int = 1,
+                 kl: bool, max_length: int, trust_remote_code: bool = False, num_threads: float = 1,
                  quarantine: QuarantineSink | None = None):
         import torch
 

@@ -155,7 +155,7 @@ def score_reference(cfg: Config) -> dict:
         cls, args = HFScorer, dict(model=ref_name, dtype=dtype, cache_dir=cfg.model.cache_dir,
                                    batch_tokens=sc.batch_tokens, chunk_size=cfg.objective.logp_chunk_size,
                                    kl=kl, max_length=max_length, trust_remote_code=cfg.model.trust_remote_code,
-                                   num_threads=max(1, int(sc.num_cpus_per_actor)), quarantine=sink)
+                                   num_threads=sc.num_cpus_per_actor, quarantine=sink)
     else:
         cls, args = VLLMScorer, dict(model=ref_name, dtype=dtype, cache_dir=cfg.model.cache_dir,
                                      max_model_len=limit, kl=kl, max_length=max_length,

@@ -41,10 +41,10 @@ class HFEngine:
     """A causal LM (safetensors only) and its tokenizer, ready to decode."""
 
     def __init__(self, model_dir: str, dtype: str = "float32", device: str | None = None,
-                 trust_remote_code: bool = False, num_threads: int | None = None):
+                 trust_remote_code: bool = False, num_threads: float | None = None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        if num_threads:
+        if num_threads is not None:  # the CPUs the replica holds; 0 (a GPU replica) still gets one thread
             torch.set_num_threads(torch_threads(num_threads))
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype), use_safetensors=True,

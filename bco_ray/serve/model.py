@@ -61,7 +61,7 @@ class ModelServer:
             from bco_ray.serve.generate import HFEngine
 
             self.engine = HFEngine(model_dir, dtype, trust_remote_code=self.cfg.model.trust_remote_code,
-                                   num_threads=max(1, int(sc.cpus_per_replica)))
+                                   num_threads=sc.cpus_per_replica)
             if sc.max_model_len:
                 self.engine.max_context = min(self.engine.max_context, sc.max_model_len)
         self._generate_batch.set_max_batch_size(sc.max_batch_size)
