@@ -261,10 +261,9 @@ def test_the_fused_cpu_optimizer_steps_as_torchs_reference_adamw():
     runs = []
     for fused in (True, False):
         policy = fresh_policy()
-        opt = optimizer(policy, tc, torch.device("cpu"))
-        if not fused:
-            opt = torch.optim.AdamW(policy.parameters(), lr=tc.lr, betas=tuple(tc.adam_betas),
-                                    weight_decay=tc.weight_decay, foreach=False)
+        opt = (optimizer(policy, tc, torch.device("cpu")) if fused else
+               torch.optim.AdamW(policy.parameters(), lr=tc.lr, betas=tuple(tc.adam_betas),
+                                 weight_decay=tc.weight_decay, foreach=False))
         assert opt.defaults["fused"] is (True if fused else None)
         before = params(policy).clone()
         ex = examples()

@@ -242,7 +242,7 @@ def run_eval(cfg: Config, candidate_dir: str, reference_dir: str, prompts: list[
     return out
 
 
-def _task(cfg_dict: dict, prompts: list[dict], num_threads: int) -> dict:
+def _task(cfg_dict: dict, prompts: list[dict], num_threads: float) -> dict:
     import torch
 
     from bco_ray.assets import local_model_dir, resolve_model
@@ -299,7 +299,7 @@ def evaluate(cfg: Config) -> dict:
     here = {"model": cand_uri, "input": _prepared_dir(cfg)}
     here = {k: v if storage.is_s3(v) else os.path.abspath(v) for k, v in here.items()}
     task_cfg = dataclasses.replace(cfg, eval=dataclasses.replace(ec, **here))
-    report = ray.get(task.remote(to_dict(task_cfg), prompts, max(1, int(ec.num_cpus))))
+    report = ray.get(task.remote(to_dict(task_cfg), prompts, ec.num_cpus))
     reasons = quality.gate(report, limits(cfg))
     passed = not reasons
     verdict = {"passed": passed, "enforced": ec.enforce, "reasons": reasons, "model": cand_uri,
